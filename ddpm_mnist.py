@@ -1,0 +1,588 @@
+"""ddpm_mnist.py: diffusion models from scratch on MNIST, in one file.
+
+Part 1 trains a UNet to denoise digits in a single step (z = x + sigma * eps -> x).
+Part 2 trains a class-conditioned DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) whose
+UNet predicts the noise eps from (x_t, t, c), and samples digits of a chosen class with
+classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
+
+    pip install -r requirements.txt
+    python ddpm_mnist.py --part 1                 # single-step denoiser, 5 epochs
+    python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
+
+In a notebook, paste this file into a cell, then call main(["--part", "2"]).
+Everything a run writes (PNG grids, loss curves, a GIF, checkpoints) goes under --out-dir.
+MNIST is downloaded into --data-dir when missing. See README.md for measured times and pictures.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+
+# --------------------------------------------------------------------------- flags
+SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # noise levels of Part 1's pictures
+DEFAULTS = {  # part-specific defaults, used when a flag is not given
+    1: dict(epochs=5, batch_size=256, lr=1e-4),
+    2: dict(epochs=20, batch_size=128, lr=1e-3),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    """Parse flags; argv=None reads sys.argv, a list makes main() callable from a notebook."""
+    p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance on MNIST.")
+    g = p.add_argument_group("run")
+    g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
+    g.add_argument("--epochs", type=int, help="training epochs (default: 5 for part 1, 20 for part 2)")
+    g.add_argument("--batch-size", type=int, help="batch size (default: 256 for part 1, 128 for part 2)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2, "
+                   "which decays exponentially to a tenth over the run)")
+    g.add_argument("--hidden", type=int, default=128, help="UNet width D (default: 128)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto: cuda, then mps, then cpu)")
+    g.add_argument("--data-dir", default="data", help="root of torchvision's MNIST folder (default: data)")
+    g.add_argument("--out-dir", default="out", help="where pictures and checkpoints go (default: out)")
+    g.add_argument("--limit", type=int, help="train on the first N training images only (default: all 60000)")
+    g = p.add_argument_group("part 1")
+    g.add_argument("--sigma", type=float, default=0.5, help="training noise level (default: 0.5)")
+    g = p.add_argument_group("part 2")
+    g.add_argument("--num-ts", type=int, default=300, help="diffusion steps T (default: 300)")
+    g.add_argument("--beta1", type=float, default=1e-4, help="first beta of the linear schedule (default: 1e-4)")
+    g.add_argument("--beta2", type=float, default=0.02, help="last beta of the linear schedule (default: 0.02)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class (default: 0.1)")
+    g.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale gamma for samples (default: 5)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint (default: off)")
+    g.add_argument("--checkpoint", help="checkpoint file (default: OUT_DIR/partN.pt)")
+    g.add_argument("--sample-only", action="store_true", help="write the final pictures from --checkpoint, no training")
+    args = p.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
+    for k, v in DEFAULTS[args.part].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    checks = [(args.epochs < 1, "--epochs must be >= 1"), (args.batch_size < 1, "--batch-size must be >= 1"),
+              (args.lr <= 0, "--lr must be > 0"), (args.hidden < 1, "--hidden must be >= 1"),
+              (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
+              (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
+              (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
+              (args.limit is not None and args.limit < 1, "--limit must be >= 1")]
+    for bad, msg in checks:
+        if bad:
+            p.error(msg)
+    return args
+
+
+# --------------------------------------------------------------------------- utilities
+SCALE, PAD = 3, 2  # pictures: each 28 px digit drawn 3x larger, 2 px gutters between digits
+
+
+def get_device(name: str) -> torch.device:
+    """Resolve --device; 'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but PyTorch sees no CUDA GPU here (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        sys.exit("error: --device mps, but MPS is not available here (try --device auto)")
+    return torch.device(name)
+
+
+def save_grid(path: str, x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=()) -> Image.Image:
+    """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscale, label, and save as PNG."""
+    grid = make_grid(x.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=PAD, pad_value=0.5)  # (3, H, W)
+    img = to_pil_image(grid).convert("L")
+    img = img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
+    left = 64 if any(row_labels) else 0
+    top = (16 if title else 0) + (14 if any(col_labels) else 0)
+    canvas = Image.new("L", (img.width + left, img.height + top), 255)
+    canvas.paste(img, (left, top))
+    draw, cell = ImageDraw.Draw(canvas), (28 + PAD) * SCALE
+    draw.text((4, 2), title, fill=0)
+    for j, s in enumerate(col_labels):
+        draw.text((left + PAD * SCALE + j * cell + 4, top - 13), s, fill=0)
+    for i, s in enumerate(row_labels):
+        draw.text((4, top + PAD * SCALE + i * cell + cell // 2 - 8), s, fill=0)
+    canvas.save(path)
+    return canvas
+
+
+def nice_ticks(hi: int, n: int = 6) -> list:
+    """Whole tick values in [1, hi], 1, 2 or 5 times a power of ten apart, about n of them."""
+    raw = max(hi / n, 1)
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [1] + [k * step for k in range(1, hi // step + 1) if k * step > 1]
+
+
+def save_loss_plot(path: str, losses: list, title: str, steps_per_epoch: int) -> None:
+    """Draw the per-step loss (log scale, raw points and a moving average) with labelled axes."""
+    W, H, L, R, T, B = 720, 420, 70, 20, 36, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    n = len(losses)
+    logs = [math.log10(max(v, 1e-12)) for v in losses]
+    y0, y1 = math.floor(min(logs) * 4) / 4, math.ceil(max(logs) * 4) / 4 + 1e-9
+    px = lambda i: L + (W - L - R) * i / max(n - 1, 1)
+    py = lambda lv: T + (H - T - B) * (y1 - lv) / (y1 - y0)
+    for v in nice_ticks(n):  # x axis: optimizer steps
+        d.line([(px(v - 1), H - B), (px(v - 1), H - B + 4)], fill="black")
+        d.text((px(v - 1) - 10, H - B + 7), str(v), fill="black")
+    decades = range(math.floor(y0), math.ceil(y1) + 1)  # y axis: 1, 2, 5 per decade
+    for lv in [math.log10(m) + e for e in decades for m in (1, 2, 5)]:
+        if y0 <= lv <= y1:
+            d.line([(L - 4, py(lv)), (W - R, py(lv))], fill=(225, 225, 225))
+            d.text((4, py(lv) - 6), f"{10 ** lv:.3g}", fill="black")
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    d.point([(px(i), py(v)) for i, v in enumerate(logs)], fill=(150, 180, 230))
+    k = max(1, n // 50)  # moving average over about 2% of the run
+    smooth = [sum(logs[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(n)]
+    d.line([(px(i), py(v)) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+    d.text((L, 10), title, fill="black")
+    d.text(((W - L) // 2, H - 20), f"step ({steps_per_epoch} per epoch)", fill="black")
+    d.text((4, T - 18), "loss (log)", fill="black")
+    img.save(path)
+
+
+def save_checkpoint(path: str, **state) -> None:
+    """Write atomically: a temporary file, then rename, so an interrupted save leaves the old file."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, part: int) -> dict:
+    """Read a checkpoint with weights_only=True; any problem is a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        sys.exit(f"error: no checkpoint at {path}")
+    except Exception as e:  # a truncated or foreign file raises many kinds of errors
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("args", {}).get("part") != part:
+        sys.exit(f"error: {path} is not a Part {part} checkpoint of this script")
+    return ckpt
+
+
+def load_weights(model: nn.Module, state: dict, path: str) -> None:
+    """load_state_dict with a one-line error for a checkpoint of another architecture."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        sys.exit(f"error: {path} holds weights of another architecture than this model")
+
+
+def rng_state() -> dict:
+    """The global RNG states (CPU and CUDA) that training draws from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data
+MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+
+
+def load_mnist(root: str, train: bool, device: torch.device, limit=None):
+    """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=True)
+    except Exception as e:  # no internet, a proxy, a half-written file: all end here
+        sys.exit(f"error: MNIST is not under {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded "
+                 f"({type(e).__name__}). Put the four files {MNIST_FILES} (or their .gz) in that folder, "
+                 f"or pass --data-dir DIR whose MNIST/raw/ holds them.")
+    x, y = ds.data[:limit], ds.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
+    return (x.unsqueeze(1).float() / 255).to(device), y.to(device)  # (N, 1, 28, 28)
+
+
+def batches(n: int, batch_size: int, device: torch.device):
+    """Shuffled index batches over range(n), drawn from the global RNG; the last may be short."""
+    perm = torch.randperm(n, device=device)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+# --------------------------------------------------------------------------- model
+class Conv(nn.Sequential):
+    """(Din, H, W) -> (Dout, H, W)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+
+class DownConv(nn.Sequential):
+    """(Din, H, W) -> (Dout, H/2, W/2)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+
+class UpConv(nn.Sequential):
+    """(Din, H, W) -> (Dout, 2H, 2W)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+
+class Flatten(nn.Sequential):
+    """(D, 7, 7) -> (D, 1, 1)."""
+
+    def __init__(self):
+        super().__init__(nn.AvgPool2d(7), nn.GELU())
+
+
+class Unflatten(nn.Sequential):
+    """(D, 1, 1) -> (D, 7, 7)."""
+
+    def __init__(self, c: int):
+        super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
+
+
+class ConvBlock(nn.Sequential):
+    """Conv -> Conv: like Conv, with more parameters."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(Conv(cin, cout), Conv(cout, cout))
+
+
+class DownBlock(nn.Sequential):
+    """DownConv -> ConvBlock: like DownConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
+
+
+class UpBlock(nn.Sequential):
+    """UpConv -> ConvBlock: like UpConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
+
+
+class FCBlock(nn.Sequential):
+    """(N, Fin) -> (N, Fout): Linear, GELU, Linear."""
+
+    def __init__(self, fin: int, fout: int):
+        super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
+
+
+class UnconditionalUNet(nn.Module):
+    """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28). Concat is torch.cat along channels."""
+
+    def __init__(self, in_channels: int = 1, num_hiddens: int = 128):
+        super().__init__()
+        D = num_hiddens
+        self.conv_in, self.down1, self.down2 = ConvBlock(in_channels, D), DownBlock(D, D), DownBlock(D, 2 * D)
+        self.flatten, self.unflatten = Flatten(), Unflatten(2 * D)
+        self.up1, self.up2 = UpBlock(4 * D, D), UpBlock(2 * D, D)
+        self.conv_out, self.head = ConvBlock(2 * D, D), nn.Conv2d(D, in_channels, 3, 1, 1)
+
+    def unet(self, x: torch.Tensor, film1=None, film2=None) -> torch.Tensor:
+        """The UNet; film = (scale, shift), each (N, F), modulates u0 and u1 as scale * u + shift."""
+        e0 = self.conv_in(x)  # (N, D, 28, 28)
+        e1 = self.down1(e0)  # (N, D, 14, 14)
+        e2 = self.down2(e1)  # (N, 2D, 7, 7)
+        u0 = self.unflatten(self.flatten(e2))  # (N, 2D, 1, 1) -> (N, 2D, 7, 7)
+        if film1 is not None:
+            u0 = film1[0][:, :, None, None] * u0 + film1[1][:, :, None, None]  # (N, 2D) broadcast over H, W
+        u1 = self.up1(torch.cat([e2, u0], 1))  # (N, 4D, 7, 7) -> (N, D, 14, 14)
+        if film2 is not None:
+            u1 = film2[0][:, :, None, None] * u1 + film2[1][:, :, None, None]  # (N, D) broadcast over H, W
+        u2 = self.up2(torch.cat([e1, u1], 1))  # (N, 2D, 14, 14) -> (N, D, 28, 28)
+        return self.head(self.conv_out(torch.cat([e0, u2], 1)))  # (N, 2D, 28, 28) -> (N, 1, 28, 28)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+
+class ConditionalUNet(UnconditionalUNet):
+    """Part 2's UNet: eps_theta(x_t, t, c) with t = t/T in [0, 1] and class c one-hot, through FCBlocks."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128):
+        super().__init__(in_channels, num_hiddens)
+        D, self.num_classes = num_hiddens, num_classes
+        self.fc1_t, self.fc1_c = FCBlock(1, 2 * D), FCBlock(num_classes, 2 * D)
+        self.fc2_t, self.fc2_c = FCBlock(1, D), FCBlock(num_classes, D)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
+        """x (N, 1, 28, 28); c (N,) labels; t (N,) in [0, 1]; mask (N,): 1 keeps c, 0 drops it, None keeps all."""
+        c = F.one_hot(c, self.num_classes).to(x.dtype)  # (N, 10)
+        if mask is not None:
+            c = c * mask.to(x.dtype)[:, None]  # (N, 10): rows with mask 0 become the zero vector
+        t = t.to(x.dtype)[:, None]  # (N, 1)
+        return self.unet(x, (self.fc1_c(c), self.fc1_t(t)), (self.fc2_c(c), self.fc2_t(t)))
+
+
+# --------------------------------------------------------------------------- diffusion
+def ddpm_schedule(beta1: float, beta2: float, num_ts: int) -> dict:
+    """Linear DDPM schedule; index i of every tensor holds timestep t = i + 1 (t = 1..T)."""
+    assert 0 < beta1 < beta2 < 1, "need 0 < beta1 < beta2 < 1"
+    betas = torch.linspace(beta1, beta2, num_ts, dtype=torch.float64)  # beta_t
+    alphas = 1 - betas  # alpha_t = 1 - beta_t
+    alpha_bars = torch.cumprod(alphas, 0)  # abar_t = prod_{s<=t} alpha_s
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # abar_{t-1}, abar_0 = 1
+    beta_tildes = (1 - abar_prev) / (1 - alpha_bars) * betas  # eq. 7; 0 at t = 1
+    s = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars, beta_tildes=beta_tildes)
+    return {k: v.float() for k, v in s.items()}
+
+
+def sample_t(n: int, num_ts: int, device) -> torch.Tensor:
+    """t ~ Uniform{1, ..., T}, shape (n,)."""
+    return torch.randint(1, num_ts + 1, (n,), device=device)
+
+
+def add_noise(schedule: dict, x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    abar = schedule["alpha_bars"][t - 1].view(-1, 1, 1, 1)  # (N, 1, 1, 1) broadcast over pixels
+    return abar.sqrt() * x_0 + (1 - abar).sqrt() * eps
+
+
+def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Tensor, p_uncond: float,
+                 num_ts: int) -> torch.Tensor:
+    """Algorithm 1: the loss ||eps - eps_theta(x_t, t, c)||^2 for one batch x_0 (N, 1, 28, 28), c (N,)."""
+    t = sample_t(x_0.shape[0], num_ts, x_0.device)
+    eps = torch.randn_like(x_0)
+    x_t = add_noise(schedule, x_0, t, eps)
+    mask = (torch.rand(x_0.shape[0], device=x_0.device) >= p_uncond).float()  # 0 with probability p_uncond
+    return F.mse_loss(unet(x_t, c, t / num_ts, mask), eps)
+
+
+@torch.no_grad()
+def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_ts: int, gamma: float):
+    """Classifier-free guidance eps_u + gamma (eps_c - eps_u), both halves in one batch of 2N."""
+    n = x_t.shape[0]
+    mask = torch.cat([torch.ones(n), torch.zeros(n)]).to(x_t.device)  # (2N,): eps_c half, then eps_u half
+    tt = torch.full((2 * n,), t / num_ts, device=x_t.device)
+    eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).chunk(2)  # (N, 1, 28, 28) each
+    return eps_u + gamma * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
+                guidance_scale: float = 5.0, seed: int = 0):
+    """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
+
+    The noise is drawn on the CPU from `seed`, shifted by 1 at each step, so a seed gives the same
+    samples on any device. caches holds x_t for the t with t % 20 == 0 or t == T or t < 8.
+    """
+    was_training = unet.training
+    unet.eval()
+    dev, shape = c.device, (c.shape[0], 1, *img_wh)
+    s = {k: v.tolist() for k, v in schedule.items()}  # python floats: no device sync in the loop
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dev)  # x_T ~ N(0, I)
+    caches = []
+    for t in range(num_ts, 0, -1):
+        if t % 20 == 0 or t == num_ts or t < 8:
+            caches.append(x)
+        g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
+        z = torch.randn(shape, generator=g).to(dev) if t > 1 else torch.zeros_like(x)
+        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale)
+        a, abar = s["alphas"][t - 1], s["alpha_bars"][t - 1]
+        x = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a) + math.sqrt(s["beta_tildes"][t - 1]) * z
+    unet.train(was_training)
+    return x, caches
+
+
+# --------------------------------------------------------------------------- training
+def train(args, model: nn.Module, loss_fn, data, ckpt_path: str, on_epoch_end) -> list:
+    """The loop both parts share: Adam, shuffled batches, progress lines, a checkpoint every epoch."""
+    train_x, train_y = data
+    n, name = len(train_x), f"part {args.part}"
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gamma = 0.1 ** (1 / args.epochs) if args.part == 2 else 1.0  # part 2: lr decays to a tenth over the run
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    start, losses = 1, []
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, args.part)
+        load_weights(model, ckpt["model"], ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start, losses = ckpt["epoch"] + 1, ckpt["losses"]
+        print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+    elif args.resume:
+        print(f"no checkpoint at {ckpt_path}; starting from scratch")
+    steps = math.ceil(n / args.batch_size)
+    t_start, t_last, done = time.time(), time.time(), 0
+    for epoch in range(start, args.epochs + 1):
+        model.train()
+        epoch_losses = []
+        for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
+            loss = loss_fn(model, train_x[idx], train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_losses.append(loss.detach())  # stays on the device: no sync per step
+            done += len(idx)
+            if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
+                t_last, rate = time.time(), done / (time.time() - t_start)
+                eta = ((args.epochs - epoch + 1) * n - (i + 1) * args.batch_size) / rate
+                print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss {loss.item():.4f} "
+                      f"| {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
+        sched.step()
+        losses += torch.stack(epoch_losses).tolist()
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), epoch=epoch, args=vars(args), rng=rng_state(), losses=losses)
+        on_epoch_end(epoch, losses)
+    return losses
+
+
+# --------------------------------------------------------------------------- part 1
+def denoise_pictures(model: nn.Module, test_x: torch.Tensor, args, files: list, tag: str) -> None:
+    """Clean / noisy / denoised rows of test digits, and the out-of-distribution sweep over SIGMAS."""
+    model.eval()
+    x = test_x[:10]  # (10, 1, 28, 28)
+    g = torch.Generator().manual_seed(args.seed)
+    eps = torch.randn(x.shape, generator=g).to(x.device)  # the same noise for every sigma
+    with torch.no_grad():
+        z = x + args.sigma * eps
+        path = os.path.join(args.out_dir, f"part1_denoised_{tag}.png")
+        save_grid(path, torch.cat([x, z, model(z)]), 10, f"Part 1 after {tag.replace('epoch', 'epoch ')}: "
+                  f"test digits, sigma {args.sigma}", row_labels=["clean", "noisy", "denoised"])
+        files.append(path)
+        if tag != "final":
+            return
+        rows = [x[:4] + s * eps[:4] for s in SIGMAS]  # 7 x (4, 1, 28, 28)
+        outs = [model(r) for r in rows]
+        cols = [img for r, o in zip(rows, outs) for img in (r, o)]  # noisy then denoised, per sigma
+        grid = torch.stack(cols, 1).flatten(0, 1)  # (4 * 14, 1, 28, 28): one row per digit
+        path = os.path.join(args.out_dir, "part1_ood.png")
+        save_grid(path, grid, 14, "Part 1 out of distribution: noisy / denoised at each sigma (trained at "
+                  f"{args.sigma})", col_labels=[f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)])
+        files.append(path)
+
+
+def test_mse(model: nn.Module, test_x: torch.Tensor, sigma: float, seed: int) -> tuple:
+    """Mean squared error to the clean test set: (denoised, noisy input), noise fixed by seed."""
+    model.eval()
+    g, err, err_noisy = torch.Generator().manual_seed(seed), 0.0, 0.0
+    with torch.no_grad():
+        for x in test_x.split(1000):
+            z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
+            err += F.mse_loss(model(z), x, reduction="sum").item()
+            err_noisy += F.mse_loss(z, x, reduction="sum").item()
+    return err / test_x.numel(), err_noisy / test_x.numel()
+
+
+def run_part1(args, device: torch.device, ckpt_path: str) -> list:
+    """Train the one-step denoiser (or load it) and write Part 1's pictures."""
+    test_x, _ = load_mnist(args.data_dir, False, device)
+    files = [os.path.join(args.out_dir, "part1_noising.png")]
+    x, g = test_x[:8], torch.Generator().manual_seed(args.seed)
+    eps = torch.randn(x.shape, generator=g).to(device)
+    noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
+    save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
+    model = UnconditionalUNet(1, args.hidden).to(device)
+    if args.sample_only:
+        load_weights(model, load_checkpoint(ckpt_path, 1)["model"], ckpt_path)
+    else:
+        data = load_mnist(args.data_dir, True, device, args.limit)
+        loss_fn = lambda m, x, y: F.mse_loss(m(x + args.sigma * torch.randn_like(x)), x)  # eq. 1 with z of eq. 2
+
+        def on_epoch_end(epoch, losses):
+            if epoch == 1:
+                denoise_pictures(model, test_x, args, files, "epoch1")
+            path = os.path.join(args.out_dir, "part1_loss.png")
+            save_loss_plot(path, losses, f"Part 1 loss, D={args.hidden}, sigma={args.sigma}, batch "
+                           f"{args.batch_size}, lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
+            if epoch == args.epochs:
+                files.append(path)
+
+        train(args, model, loss_fn, data, ckpt_path, on_epoch_end)
+    denoise_pictures(model, test_x, args, files, "final")
+    mse, mse_noisy = test_mse(model, test_x, args.sigma, args.seed)
+    print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
+    return files
+
+
+# --------------------------------------------------------------------------- part 2
+def sample_pictures(model: nn.Module, schedule: dict, args, device: torch.device, tag: str, files: list,
+                    extras: bool = False) -> None:
+    """The 4 x 10 grid (4 of each digit, one column per digit); with extras the guidance picture and GIF."""
+    c = torch.arange(10, device=device).repeat(4)  # (40,): row r, column j is digit j
+    digits = [str(j) for j in range(10)]
+    x, caches = ddpm_sample(model, c, (28, 28), schedule, args.num_ts, args.guidance_scale, args.seed)
+    path = os.path.join(args.out_dir, f"part2_samples_{tag}.png")
+    save_grid(path, x, 10, f"Part 2 samples, {tag.replace('epoch', 'epoch ')}, gamma {args.guidance_scale:g}", digits)
+    files.append(path)
+    if not extras:
+        return
+    gammas = [0.0, 5.0, 10.0]
+    xs = [ddpm_sample(model, c, (28, 28), schedule, args.num_ts, g, args.seed)[0] for g in gammas]
+    path = os.path.join(args.out_dir, "part2_guidance.png")
+    labels = [f"gamma={g:g}" if r == 0 else "" for g in gammas for r in range(4)]
+    save_grid(path, torch.cat(xs), 10, "Part 2: classifier-free guidance scale, same seed", digits, labels)
+    path_gif = os.path.join(args.out_dir, "part2_sampling.gif")
+    frames = [save_grid(path_gif + ".png", f, 10, f"Part 2 sampling, gamma {args.guidance_scale:g}", digits)
+              for f in caches + [x]]  # x_T ... x_1, then x_0
+    os.remove(path_gif + ".png")
+    frames[0].save(path_gif, save_all=True, append_images=frames[1:], duration=[120] * (len(frames) - 1) + [2000],
+                   loop=0)
+    files += [path, path_gif]
+
+
+def run_part2(args, device: torch.device, ckpt_path: str) -> list:
+    """Train the class-conditioned DDPM (or load it) and write Part 2's pictures."""
+    schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
+    model = ConditionalUNet(1, 10, args.hidden).to(device)
+    files = []
+    if args.sample_only:
+        load_weights(model, load_checkpoint(ckpt_path, 2)["model"], ckpt_path)
+    else:
+        data = load_mnist(args.data_dir, True, device, args.limit)
+        loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
+        picture_epochs = {1, 5, 10, 15, 20, args.epochs}
+
+        def on_epoch_end(epoch, losses):
+            path = os.path.join(args.out_dir, "part2_loss.png")
+            save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, "
+                           f"lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
+            if epoch == args.epochs:
+                files.append(path)
+            if epoch in picture_epochs:
+                sample_pictures(model, schedule, args, device, f"epoch{epoch:02d}", files)
+
+        train(args, model, loss_fn, data, ckpt_path, on_epoch_end)
+    sample_pictures(model, schedule, args, device, "final", files, extras=True)
+    return files
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> list:
+    """Run one part with the given flags (a list, as on the command line); return the files written."""
+    args = get_args(argv)
+    device = get_device(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
+    if args.sample_only or args.resume:  # the model's shape and schedule come from the checkpoint
+        saved = load_checkpoint(ckpt_path, args.part)["args"] if os.path.exists(ckpt_path) or args.sample_only else {}
+        for k in ("hidden", "num_ts", "beta1", "beta2"):
+            setattr(args, k, saved.get(k, getattr(args, k)))
+    torch.manual_seed(args.seed)
+    print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
+          f"lr={args.lr:g} | out: {args.out_dir}")
+    t0 = time.time()
+    files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
+    print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files: {', '.join(sorted(set(files)))}")
+    return files
+
+
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
+    main()

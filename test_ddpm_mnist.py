@@ -1,0 +1,352 @@
+"""Tests for ddpm_mnist.py. Run: python -m pytest -q (CPU only, no network, under a minute or two)."""
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import ddpm_mnist as dm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def cells(k: int) -> int:
+    """Pixels that k digits side by side take in a saved grid."""
+    return (k * (28 + dm.PAD) + dm.PAD) * dm.SCALE
+
+
+def write_idx(path: str, data: torch.Tensor) -> None:
+    """Write a uint8 tensor in MNIST's idx format (magic 0x08 + number of dimensions, big-endian sizes)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x0800 + data.dim()) + struct.pack(f">{data.dim()}I", *data.shape))
+        f.write(bytes(data.flatten().tolist()))
+
+
+def fake_digits(n: int, seed: int):
+    """Learnable stand-ins for digits: class k lights a bar at row 2 + 2k, over faint noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = (torch.rand(n, 28, 28, generator=g) * 40).to(torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        images[i, 2 + 2 * k:4 + 2 * k, 4:24] = 255
+    return images, labels.to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """A data dir in torchvision's layout (MNIST/raw/) with 64 training and 20 test images."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 64), ("t10k", 20)):
+        images, labels = fake_digits(n, seed=len(split))
+        write_idx(str(raw / f"{split}-images-idx3-ubyte"), images)
+        write_idx(str(raw / f"{split}-labels-idx1-ubyte"), labels)
+    return str(root)
+
+
+def tiny_flags(mnist_dir, out_dir, *extra):
+    return ["--hidden", "8", "--batch-size", "32", "--data-dir", mnist_dir, "--out-dir", str(out_dir),
+            "--device", "cpu", *extra]
+
+
+# --------------------------------------------------------------------------- model
+@pytest.mark.parametrize("op, cin, hw, cout, hw_out", [
+    (lambda: dm.Conv(3, 5), 3, 28, 5, 28),
+    (lambda: dm.DownConv(3, 5), 3, 28, 5, 14),
+    (lambda: dm.UpConv(3, 5), 3, 14, 5, 28),
+    (lambda: dm.Flatten(), 6, 7, 6, 1),
+    (lambda: dm.Unflatten(6), 6, 1, 6, 7),
+    (lambda: dm.ConvBlock(3, 5), 3, 14, 5, 14),
+    (lambda: dm.DownBlock(3, 5), 3, 14, 5, 7),
+    (lambda: dm.UpBlock(3, 5), 3, 7, 5, 14),
+])
+def test_op_shapes(op, cin, hw, cout, hw_out):
+    assert op()(torch.randn(2, cin, hw, hw)).shape == (2, cout, hw_out, hw_out)
+
+
+def test_fcblock_shape():
+    assert dm.FCBlock(10, 12)(torch.randn(4, 10)).shape == (4, 12)
+
+
+def test_unet_shapes():
+    x = torch.randn(3, 1, 28, 28)
+    assert dm.UnconditionalUNet(1, 4)(x).shape == (3, 1, 28, 28)
+    unet = dm.ConditionalUNet(1, 10, 4)
+    c, t = torch.tensor([0, 5, 9]), torch.rand(3)
+    assert unet(x, c, t).shape == (3, 1, 28, 28)
+    assert unet(x, c, t, torch.tensor([1.0, 0.0, 1.0])).shape == (3, 1, 28, 28)
+
+
+def test_mask_convention():
+    unet = dm.ConditionalUNet(1, 10, 4).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    c = torch.tensor([3, 7])
+    with torch.no_grad():
+        dropped = unet(x, c, t, torch.zeros(2))
+        zero_c = torch.zeros(2, 10)
+        t1 = t[:, None]
+        expected = unet.unet(x, (unet.fc1_c(zero_c), unet.fc1_t(t1)), (unet.fc2_c(zero_c), unet.fc2_t(t1)))
+        torch.testing.assert_close(dropped, expected)  # mask 0: the class vector is all zeros
+        torch.testing.assert_close(unet(x, c, t, None), unet(x, c, t, torch.ones(2)))  # None keeps all
+        assert not torch.allclose(unet(x, c, t, None), dropped)
+        mixed = unet(x, c, t, torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(mixed[0], unet(x, c, t)[0])
+        torch.testing.assert_close(mixed[1], dropped[1])
+
+
+# --------------------------------------------------------------------------- diffusion
+def test_schedule_closed_forms():
+    T = 300
+    s = dm.ddpm_schedule(1e-4, 0.02, T)
+    assert all(v.shape == (T,) for v in s.values())
+    assert s["betas"][0].item() == pytest.approx(1e-4) and s["betas"][-1].item() == pytest.approx(0.02)
+    torch.testing.assert_close(s["alphas"], 1 - s["betas"])
+    torch.testing.assert_close(s["alpha_bars"][9], torch.prod(1 - s["betas"][:10]))
+    abar = s["alpha_bars"]
+    assert torch.all(abar[1:] < abar[:-1]) and torch.all((abar > 0) & (abar < 1))
+    t = 150  # beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t, index t - 1
+    expect = (1 - abar[t - 2]) / (1 - abar[t - 1]) * s["betas"][t - 1]
+    torch.testing.assert_close(s["beta_tildes"][t - 1], expect)
+    assert s["beta_tildes"][0].item() == 0.0  # abar_0 = 1: no noise on the last step
+    assert torch.all(s["beta_tildes"] <= s["betas"])
+    with pytest.raises(AssertionError):
+        dm.ddpm_schedule(0.02, 1e-4, T)
+
+
+def test_add_noise_matches_eq5():
+    s = dm.ddpm_schedule(1e-4, 0.02, 50)
+    x_0, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    t = torch.tensor([1, 10, 25, 50])
+    x_t = dm.add_noise(s, x_0, t, eps)
+    for i, ti in enumerate(t.tolist()):
+        abar = s["alpha_bars"][ti - 1]
+        torch.testing.assert_close(x_t[i], abar.sqrt() * x_0[i] + (1 - abar).sqrt() * eps[i])
+
+
+def test_t_draws_cover_1_to_T():
+    T = 20
+    t = dm.sample_t(20000, T, "cpu")
+    assert set(t.tolist()) == set(range(1, T + 1))  # both ends, nothing else
+
+
+def test_ddpm_forward_loss_and_dropout(monkeypatch):
+    unet = dm.ConditionalUNet(1, 10, 4)
+    s = dm.ddpm_schedule(1e-4, 0.02, 10)
+    x_0, c = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    seen = []
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda x, c, t, mask: seen.append((t, mask)) or forward(x, c, t, mask))
+    loss = dm.ddpm_forward(unet, s, x_0, c, 0.5, 10)
+    assert loss.ndim == 0 and loss.item() > 0
+    t, mask = seen[0]
+    assert 0 < t.min() and t.max() <= 1  # t / T with t in 1..T
+    assert set(mask.tolist()) == {0.0, 1.0}
+    dm.ddpm_forward(unet, s, x_0, c, 0.0, 10)
+    assert seen[1][1].min() == 1  # p_uncond 0 keeps every class
+
+
+def reference_sample(unet, c, s, T, gamma, seed):
+    """Algorithm 2 written out with two UNet calls per step (mask 1, then mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(c), 1, 28, 28), generator=g)
+    n = len(c)
+    for t in range(T, 0, -1):
+        g.manual_seed(seed + T - t + 1)
+        z = torch.randn(x.shape, generator=g) if t > 1 else torch.zeros_like(x)
+        tt = torch.full((n,), t / T)
+        eps_c = unet(x, c, tt, torch.ones(n))
+        eps_u = unet(x, c, tt, torch.zeros(n))
+        eps = eps_u + gamma * (eps_c - eps_u)
+        a, abar, bt = s["alphas"][t - 1], s["alpha_bars"][t - 1], s["beta_tildes"][t - 1]
+        x = 1 / a.sqrt() * (x - (1 - a) / (1 - abar).sqrt() * eps) + bt.sqrt() * z
+    return x
+
+
+@torch.no_grad()
+def test_sampler_matches_algorithm_2():
+    unet = dm.ConditionalUNet(1, 10, 4).eval()
+    s, T = dm.ddpm_schedule(1e-4, 0.02, 12), 12
+    c = torch.tensor([1, 2, 3])
+    for gamma in (0.0, 1.0, 5.0):
+        x, _ = dm.ddpm_sample(unet, c, (28, 28), s, T, gamma, seed=3)
+        torch.testing.assert_close(x, reference_sample(unet, c, s, T, gamma, 3), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_guidance_extremes_and_batched_call():
+    unet = dm.ConditionalUNet(1, 10, 4).eval()
+    x, c = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 8])
+    tt = torch.full((3,), 0.5)
+    eps_c, eps_u = unet(x, c, tt, torch.ones(3)), unet(x, c, tt, torch.zeros(3))
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 0.0), eps_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 1.0), eps_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 5.0), eps_u + 5 * (eps_c - eps_u),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_seeds_and_caches():
+    unet = dm.ConditionalUNet(1, 10, 4)
+    T, s = 30, dm.ddpm_schedule(1e-4, 0.02, 30)
+    c = torch.tensor([0, 1])
+    x1, caches = dm.ddpm_sample(unet, c, (28, 28), s, T, 5.0, seed=7)
+    x2, _ = dm.ddpm_sample(unet, c, (28, 28), s, T, 5.0, seed=7)
+    x3, _ = dm.ddpm_sample(unet, c, (28, 28), s, T, 5.0, seed=8)
+    assert torch.equal(x1, x2) and not torch.allclose(x1, x3)
+    assert unet.training  # the sampler restores the mode it found
+    kept = [t for t in range(T, 0, -1) if t % 20 == 0 or t == T or t < 8]
+    assert kept == [30, 20, 7, 6, 5, 4, 3, 2, 1] and len(caches) == len(kept)
+    torch.testing.assert_close(caches[0], torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(7)))
+    assert all(cache.shape == (2, 1, 28, 28) for cache in caches)
+    assert len(dm.ddpm_sample(unet, c, (28, 28), dm.ddpm_schedule(1e-4, 0.02, 300), 300, 5.0)[1]) == 22
+
+
+def test_tiny_model_overfits_one_batch():
+    x, _ = fake_digits(16, seed=1)
+    x = x.float().unsqueeze(1) / 255
+    model = dm.UnconditionalUNet(1, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(model(x + 0.5 * torch.randn_like(x)), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# --------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--sigma", "-1"], ["--p-uncond", "1.5"],
+                                   ["--beta1", "0.02", "--beta2", "0.01"], ["--part", "3"], ["--batch-size", "0"],
+                                   ["--epochs", "x"], ["--no-such-flag"]])
+def test_bad_flags_exit_2_in_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        dm.get_args(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err
+
+
+def test_part_defaults():
+    a1, a2 = dm.get_args([]), dm.get_args(["--part", "2"])
+    assert (a1.part, a1.epochs, a1.batch_size, a1.lr, a1.hidden, a1.sigma) == (1, 5, 256, 1e-4, 128, 0.5)
+    assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale, a2.beta1, a2.beta2) == (20, 300, 0.1, 5.0, 1e-4, 0.02)
+    assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
+
+
+def test_cli_bad_flag_has_no_traceback():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "ddpm_mnist.py"), "--p-uncond", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--p-uncond" in r.stderr
+
+
+def test_pasting_into_a_notebook_runs_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", object()))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel.json"])
+    ns = {"__name__": "__main__"}
+    exec(open(os.path.join(HERE, "ddpm_mnist.py")).read(), ns)  # would train or exit 2 if it ran main()
+    assert callable(ns["main"]) and ns["get_args"](None).part == 1  # the kernel's argv is ignored
+
+
+def test_cuda_request_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA"):
+        dm.get_device("cuda")
+
+
+# --------------------------------------------------------------------------- end to end
+def test_loader_reads_torchvision_files(mnist_dir):
+    x, y = dm.load_mnist(mnist_dir, True, torch.device("cpu"), limit=40)
+    assert x.shape == (40, 1, 28, 28) and y.shape == (40,) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() == 1 and y.tolist()[:3] == [0, 1, 2]
+    assert x[3, 0, 8, 4:24].min() == 1 and x[3, 0, 10, 4:24].max() < 1  # class 3 lights rows 8, 9
+
+
+def test_missing_data_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once
+    with pytest.raises(SystemExit) as e:
+        dm.load_mnist(str(tmp_path), True, torch.device("cpu"))
+    msg = str(e.value)
+    assert "--data-dir" in msg and "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
+    assert "\n" not in msg
+
+
+def test_part1_end_to_end(mnist_dir, tmp_path, capsys):
+    files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "1", "--epochs", "2"))
+    names = {os.path.basename(f) for f in files}
+    assert names == {"part1_noising.png", "part1_loss.png", "part1_denoised_epoch1.png",
+                     "part1_denoised_final.png", "part1_ood.png"}
+    sizes = {os.path.basename(f): Image.open(f).size for f in files}
+    assert sizes["part1_noising.png"] == (cells(7), cells(8) + 30)
+    assert sizes["part1_denoised_final.png"] == (cells(10) + 64, cells(3) + 16)
+    assert sizes["part1_ood.png"] == (cells(14), cells(4) + 30)
+    assert sizes["part1_loss.png"] == (720, 420)
+    assert "test MSE at sigma 0.5" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "part1.pt") and not os.path.exists(tmp_path / "part1.pt.tmp")
+
+
+def test_part2_end_to_end_and_sample_only(mnist_dir, tmp_path):
+    flags = tiny_flags(mnist_dir, tmp_path, "--part", "2", "--epochs", "2", "--num-ts", "10")
+    files = dm.main(flags)
+    names = {os.path.basename(f) for f in files}
+    assert names == {"part2_loss.png", "part2_samples_epoch01.png", "part2_samples_epoch02.png",
+                     "part2_samples_final.png", "part2_guidance.png", "part2_sampling.gif"}
+    for f in files:
+        size = Image.open(f).size
+        if "guidance" in f:
+            assert size == (cells(10) + 64, cells(12) + 30)
+        elif "samples" in f or f.endswith(".gif"):
+            assert size == (cells(10), cells(4) + 30)
+    gif = Image.open(tmp_path / "part2_sampling.gif")
+    assert gif.n_frames == len([t for t in range(10, 0, -1) if t % 20 == 0 or t == 10 or t < 8]) + 1
+    before = os.path.getmtime(tmp_path / "part2.pt")
+    out2 = tmp_path / "again"
+    files = dm.main(tiny_flags(mnist_dir, out2, "--part", "2", "--sample-only", "--hidden", "99",
+                               "--checkpoint", str(tmp_path / "part2.pt")))
+    assert {os.path.basename(f) for f in files} == {"part2_samples_final.png", "part2_guidance.png",
+                                                    "part2_sampling.gif"}
+    assert os.path.getmtime(tmp_path / "part2.pt") == before  # sampling does not train or save
+    a = Image.open(tmp_path / "part2_samples_final.png").tobytes()
+    assert a == Image.open(out2 / "part2_samples_final.png").tobytes()  # same model, same seed, same picture
+
+
+def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    dm.main(tiny_flags(mnist_dir, full, "--epochs", "2", "--limit", "48"))
+    dm.main(tiny_flags(mnist_dir, split, "--epochs", "1", "--limit", "48"))
+    dm.main(tiny_flags(mnist_dir, split, "--epochs", "2", "--limit", "48", "--resume"))
+    a = torch.load(full / "part1.pt", weights_only=True)
+    b = torch.load(split / "part1.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["losses"] == b["losses"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_bad_checkpoints_are_one_line_errors(mnist_dir, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--checkpoint", str(bad)))
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "1", "--epochs", "1", "--limit", "32"))
+    with pytest.raises(SystemExit, match="not a Part 2 checkpoint"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only",
+                           "--checkpoint", str(tmp_path / "part1.pt")))
+    ckpt = torch.load(tmp_path / "part1.pt", weights_only=True)
+    ckpt["model"] = {k: v[:1] if v.dim() else v for k, v in ckpt["model"].items()}  # same keys, wrong shapes
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="another architecture"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / "other.pt")))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / "none.pt")))
