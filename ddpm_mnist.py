@@ -31,8 +31,8 @@ from torchvision.utils import make_grid
 # --------------------------------------------------------------------------- flags
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # noise levels of Part 1's pictures
 DEFAULTS = {  # part-specific defaults, used when a flag is not given
-    1: dict(epochs=5, batch_size=256, lr=1e-4),
-    2: dict(epochs=20, batch_size=128, lr=1e-3),
+    1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),
+    2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),
 }
 
 
@@ -50,8 +50,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
     g.add_argument("--epochs", type=int, help="training epochs (default: 5 for part 1, 20 for part 2)")
     g.add_argument("--batch-size", type=int, help="batch size (default: 256 for part 1, 128 for part 2)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2, "
-                   "which decays exponentially to a tenth over the run)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2)")
+    g.add_argument("--lr-decay", type=float, help="the lr decays exponentially to this fraction of --lr over the "
+                   "run (default: 1, no decay, for part 1; 0.1 for part 2)")
     g.add_argument("--hidden", type=int, default=128, help="UNet width D (default: 128)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto: cuda, then mps, then cpu)")
@@ -66,10 +67,20 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--beta2", type=float, default=0.02, help="last beta of the linear schedule (default: 0.02)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class (default: 0.1)")
     g.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale gamma for samples (default: 5)")
-    g = p.add_argument_group("checkpoints")
+    g = p.add_argument_group("checkpoints and sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint (default: off)")
     g.add_argument("--checkpoint", help="checkpoint file (default: OUT_DIR/partN.pt)")
     g.add_argument("--sample-only", action="store_true", help="write the final pictures from --checkpoint, no training")
+    g.add_argument("--sample-steps", type=int, help="sampling steps K: K = T is the spec's ancestral sampler, "
+                   "K < T the strided deterministic one (default: T)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for cuda only)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default: on)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (default: off)")
+    g.add_argument("--benchmark", action="store_true", help="time training and sampling on random data, print "
+                   "name=value lines and the projected run time, then exit (default: off)")
+    g.add_argument("--bench-steps", type=int, default=20, help="training steps the benchmark times (default: 20)")
     args = p.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
     for k, v in DEFAULTS[args.part].items():
         if getattr(args, k) is None:
@@ -79,7 +90,9 @@ def get_args(argv=None) -> argparse.Namespace:
               (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
               (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
               (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
-              (args.limit is not None and args.limit < 1, "--limit must be >= 1")]
+              (args.limit is not None and args.limit < 1, "--limit must be >= 1"),
+              (not 0 < args.lr_decay <= 1, "--lr-decay must be in (0, 1]"), (args.bench_steps < 1, "--bench-steps must be >= 1"),
+              (args.sample_steps is not None and not 1 <= args.sample_steps <= args.num_ts, "need 1 <= --sample-steps <= --num-ts")]
     for bad, msg in checks:
         if bad:
             p.error(msg)
@@ -364,18 +377,21 @@ def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Te
 
 
 @torch.no_grad()
-def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_ts: int, gamma: float):
-    """Classifier-free guidance eps_u + gamma (eps_c - eps_u), both halves in one batch of 2N."""
+def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_ts: int, gamma: float,
+               amp: bool = False) -> torch.Tensor:
+    """Classifier-free guidance eps_u + gamma (eps_c - eps_u), both halves in one UNet call of 2N."""
     n = x_t.shape[0]
     mask = torch.cat([torch.ones(n), torch.zeros(n)]).to(x_t.device)  # (2N,): eps_c half, then eps_u half
     tt = torch.full((2 * n,), t / num_ts, device=x_t.device)
-    eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).chunk(2)  # (N, 1, 28, 28) each
+    with torch.autocast(x_t.device.type, torch.bfloat16, enabled=amp):
+        eps = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).float()  # (2N, 1, H, W)
+    eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
     return eps_u + gamma * (eps_c - eps_u)
 
 
 @torch.no_grad()
 def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0):
+                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False):
     """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
 
     The noise is drawn on the CPU from `seed`, shifted by 1 at each step, so a seed gives the same
@@ -393,21 +409,73 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
             caches.append(x)
         g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
         z = torch.randn(shape, generator=g).to(dev) if t > 1 else torch.zeros_like(x)
-        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale)
+        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale, amp)
         a, abar = s["alphas"][t - 1], s["alpha_bars"][t - 1]
         x = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a) + math.sqrt(s["beta_tildes"][t - 1]) * z
     unet.train(was_training)
     return x, caches
 
 
+@torch.no_grad()
+def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
+                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, steps: int = 50):
+    """Deterministic strided sampler (DDIM with eta 0, arXiv 2010.02502) over `steps` of the T timesteps.
+
+    Same model, same x_T for a seed; caches holds x_t before every step.
+    """
+    was_training = unet.training
+    unet.eval()
+    abars = schedule["alpha_bars"].tolist()
+    ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T, ..., 1
+    x = torch.randn((c.shape[0], 1, *img_wh), generator=torch.Generator().manual_seed(seed)).to(c.device)
+    caches = []
+    for t, t_prev in zip(ts, ts[1:] + [0]):
+        caches.append(x)
+        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale, amp)
+        abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
+        x_0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # eq. 8
+        x = math.sqrt(abar_prev) * x_0 + math.sqrt(1 - abar_prev) * eps  # x_t_prev on the same eps
+    unet.train(was_training)
+    return x, caches
+
+
+def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, guidance_scale: float):
+    """The spec's ancestral sampler when --sample-steps is T, else the strided one."""
+    kw = dict(seed=args.seed, amp=args.amp)
+    if args.sample_steps >= args.num_ts:
+        return ddpm_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, **kw)
+    return ddim_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, steps=args.sample_steps, **kw)
+
+
 # --------------------------------------------------------------------------- training
-def train(args, model: nn.Module, loss_fn, data, ckpt_path: str, on_epoch_end) -> list:
-    """The loop both parts share: Adam, shuffled batches, progress lines, a checkpoint every epoch."""
+def prepare(model: nn.Module, args, device: torch.device):
+    """Move the model to the device in the memory format the flags ask for; return it and the callable
+    to run (torch.compile'd with --compile; checkpoints always hold the plain model's weights)."""
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    return model, torch.compile(model) if args.compile else model
+
+
+def make_optimizer(model: nn.Module, args):
+    """Adam (fused on CUDA) and an exponential decay to --lr-decay times --lr over the run."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=next(model.parameters()).is_cuda)
+    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, args.lr_decay ** (1 / args.epochs))
+
+
+def train_step(fast, opt, loss_fn, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    """One optimizer step; returns the loss without waiting for the device."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        loss = loss_fn(fast, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_end) -> list:
+    """The loop both parts share: shuffled batches, progress lines, a checkpoint every epoch."""
     train_x, train_y = data
     n, name = len(train_x), f"part {args.part}"
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gamma = 0.1 ** (1 / args.epochs) if args.part == 2 else 1.0  # part 2: lr decays to a tenth over the run
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    opt, sched = make_optimizer(model, args)
     start, losses = 1, []
     if args.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, args.part)
@@ -422,22 +490,18 @@ def train(args, model: nn.Module, loss_fn, data, ckpt_path: str, on_epoch_end) -
     steps = math.ceil(n / args.batch_size)
     t_start, t_last, done = time.time(), time.time(), 0
     for epoch in range(start, args.epochs + 1):
-        model.train()
+        fast.train()
         epoch_losses = []
         for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
-            loss = loss_fn(model, train_x[idx], train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_losses.append(loss.detach())  # stays on the device: no sync per step
+            epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx], args.amp))
             done += len(idx)
             if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
                 t_last, rate = time.time(), done / (time.time() - t_start)
                 eta = ((args.epochs - epoch + 1) * n - (i + 1) * args.batch_size) / rate
-                print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss {loss.item():.4f} "
-                      f"| {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
+                print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss "
+                      f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
         sched.step()
-        losses += torch.stack(epoch_losses).tolist()
+        losses += torch.stack(epoch_losses).float().tolist()
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), epoch=epoch, args=vars(args), rng=rng_state(), losses=losses)
         on_epoch_end(epoch, losses)
@@ -445,40 +509,44 @@ def train(args, model: nn.Module, loss_fn, data, ckpt_path: str, on_epoch_end) -
 
 
 # --------------------------------------------------------------------------- part 1
-def denoise_pictures(model: nn.Module, test_x: torch.Tensor, args, files: list, tag: str) -> None:
-    """Clean / noisy / denoised rows of test digits, and the out-of-distribution sweep over SIGMAS."""
-    model.eval()
+def denoise_pictures(fast, test_x: torch.Tensor, args, files: list, epoch: int, final: bool) -> None:
+    """Clean / noisy / denoised rows of test digits; after the last epoch also the sweep over SIGMAS."""
+    fast.eval()
     x = test_x[:10]  # (10, 1, 28, 28)
     g = torch.Generator().manual_seed(args.seed)
     eps = torch.randn(x.shape, generator=g).to(x.device)  # the same noise for every sigma
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
         z = x + args.sigma * eps
-        path = os.path.join(args.out_dir, f"part1_denoised_{tag}.png")
-        save_grid(path, torch.cat([x, z, model(z)]), 10, f"Part 1 after {tag.replace('epoch', 'epoch ')}: "
-                  f"test digits, sigma {args.sigma}", row_labels=["clean", "noisy", "denoised"])
+        path = os.path.join(args.out_dir, f"part1_denoised_epoch{epoch:02d}.png")
+        save_grid(path, torch.cat([x, z, fast(z)]), 10, f"Part 1 after epoch {epoch}: test digits, sigma "
+                  f"{args.sigma}", row_labels=["clean", "noisy", "denoised"])
         files.append(path)
-        if tag != "final":
+        if not final:
             return
         rows = [x[:4] + s * eps[:4] for s in SIGMAS]  # 7 x (4, 1, 28, 28)
-        outs = [model(r) for r in rows]
-        cols = [img for r, o in zip(rows, outs) for img in (r, o)]  # noisy then denoised, per sigma
+        cols = [img for r in rows for img in (r, fast(r))]  # noisy then denoised, per sigma
         grid = torch.stack(cols, 1).flatten(0, 1)  # (4 * 14, 1, 28, 28): one row per digit
         path = os.path.join(args.out_dir, "part1_ood.png")
-        save_grid(path, grid, 14, "Part 1 out of distribution: noisy / denoised at each sigma (trained at "
-                  f"{args.sigma})", col_labels=[f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)])
+        save_grid(path, grid, 14, f"Part 1 out of distribution: noisy and denoised at each sigma (trained at "
+                  f"{args.sigma})", [f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)])
         files.append(path)
 
 
-def test_mse(model: nn.Module, test_x: torch.Tensor, sigma: float, seed: int) -> tuple:
+def denoiser_mse(fast, test_x: torch.Tensor, sigma: float, seed: int, amp: bool = False) -> tuple:
     """Mean squared error to the clean test set: (denoised, noisy input), noise fixed by seed."""
-    model.eval()
+    fast.eval()
     g, err, err_noisy = torch.Generator().manual_seed(seed), 0.0, 0.0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(test_x.device.type, torch.bfloat16, enabled=amp):
         for x in test_x.split(1000):
             z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
-            err += F.mse_loss(model(z), x, reduction="sum").item()
+            err += F.mse_loss(fast(z).float(), x, reduction="sum").item()
             err_noisy += F.mse_loss(z, x, reduction="sum").item()
     return err / test_x.numel(), err_noisy / test_x.numel()
+
+
+def part1_loss(fast, x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 1 with z from eq. 2: ||D(x + sigma eps) - x||^2, fresh noise for every batch."""
+    return F.mse_loss(fast(x + sigma * torch.randn_like(x)), x)
 
 
 def run_part1(args, device: torch.device, ckpt_path: str) -> list:
@@ -489,48 +557,49 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     eps = torch.randn(x.shape, generator=g).to(device)
     noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
     save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
-    model = UnconditionalUNet(1, args.hidden).to(device)
+    model, fast = prepare(UnconditionalUNet(1, args.hidden), args, device)
     if args.sample_only:
-        load_weights(model, load_checkpoint(ckpt_path, 1)["model"], ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, 1)
+        load_weights(model, ckpt["model"], ckpt_path)
+        denoise_pictures(fast, test_x, args, files, ckpt["epoch"], final=True)
     else:
         data = load_mnist(args.data_dir, True, device, args.limit)
-        loss_fn = lambda m, x, y: F.mse_loss(m(x + args.sigma * torch.randn_like(x)), x)  # eq. 1 with z of eq. 2
 
         def on_epoch_end(epoch, losses):
-            if epoch == 1:
-                denoise_pictures(model, test_x, args, files, "epoch1")
             path = os.path.join(args.out_dir, "part1_loss.png")
             save_loss_plot(path, losses, f"Part 1 loss, D={args.hidden}, sigma={args.sigma}, batch "
                            f"{args.batch_size}, lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
-            if epoch == args.epochs:
-                files.append(path)
+            if epoch == 1 or epoch == args.epochs:
+                denoise_pictures(fast, test_x, args, files, epoch, final=epoch == args.epochs)
+            files.append(path)
 
-        train(args, model, loss_fn, data, ckpt_path, on_epoch_end)
-    denoise_pictures(model, test_x, args, files, "final")
-    mse, mse_noisy = test_mse(model, test_x, args.sigma, args.seed)
+        loss_fn = lambda m, x, y: part1_loss(m, x, y, args.sigma)
+        train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
+    mse, mse_noisy = denoiser_mse(fast, test_x, args.sigma, args.seed, args.amp)
     print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
     return files
 
 
 # --------------------------------------------------------------------------- part 2
-def sample_pictures(model: nn.Module, schedule: dict, args, device: torch.device, tag: str, files: list,
-                    extras: bool = False) -> None:
-    """The 4 x 10 grid (4 of each digit, one column per digit); with extras the guidance picture and GIF."""
+def sample_pictures(fast, schedule: dict, args, device: torch.device, epoch: int, files: list,
+                    final: bool) -> None:
+    """The 4 x 10 grid (4 of each digit, one column per digit); after the last epoch also the
+    guidance comparison (gamma 0 / 5 / 10, same seed) and the sampling GIF."""
     c = torch.arange(10, device=device).repeat(4)  # (40,): row r, column j is digit j
-    digits = [str(j) for j in range(10)]
-    x, caches = ddpm_sample(model, c, (28, 28), schedule, args.num_ts, args.guidance_scale, args.seed)
-    path = os.path.join(args.out_dir, f"part2_samples_{tag}.png")
-    save_grid(path, x, 10, f"Part 2 samples, {tag.replace('epoch', 'epoch ')}, gamma {args.guidance_scale:g}", digits)
+    digits, gamma = [str(j) for j in range(10)], args.guidance_scale
+    x, caches = sample(fast, c, schedule, args, gamma)
+    path = os.path.join(args.out_dir, f"part2_samples_epoch{epoch:02d}.png")
+    save_grid(path, x, 10, f"Part 2 samples after epoch {epoch}, gamma {gamma:g}", digits)
     files.append(path)
-    if not extras:
+    if not final:
         return
     gammas = [0.0, 5.0, 10.0]
-    xs = [ddpm_sample(model, c, (28, 28), schedule, args.num_ts, g, args.seed)[0] for g in gammas]
+    xs = [x if g == gamma else sample(fast, c, schedule, args, g)[0] for g in gammas]
     path = os.path.join(args.out_dir, "part2_guidance.png")
     labels = [f"gamma={g:g}" if r == 0 else "" for g in gammas for r in range(4)]
     save_grid(path, torch.cat(xs), 10, "Part 2: classifier-free guidance scale, same seed", digits, labels)
     path_gif = os.path.join(args.out_dir, "part2_sampling.gif")
-    frames = [save_grid(path_gif + ".png", f, 10, f"Part 2 sampling, gamma {args.guidance_scale:g}", digits)
+    frames = [save_grid(path_gif + ".png", f, 10, f"Part 2 sampling, gamma {gamma:g}", digits)
               for f in caches + [x]]  # x_T ... x_1, then x_0
     os.remove(path_gif + ".png")
     frames[0].save(path_gif, save_all=True, append_images=frames[1:], duration=[120] * (len(frames) - 1) + [2000],
@@ -541,27 +610,66 @@ def sample_pictures(model: nn.Module, schedule: dict, args, device: torch.device
 def run_part2(args, device: torch.device, ckpt_path: str) -> list:
     """Train the class-conditioned DDPM (or load it) and write Part 2's pictures."""
     schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-    model = ConditionalUNet(1, 10, args.hidden).to(device)
+    model, fast = prepare(ConditionalUNet(1, 10, args.hidden), args, device)
     files = []
     if args.sample_only:
-        load_weights(model, load_checkpoint(ckpt_path, 2)["model"], ckpt_path)
-    else:
-        data = load_mnist(args.data_dir, True, device, args.limit)
-        loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
-        picture_epochs = {1, 5, 10, 15, 20, args.epochs}
+        ckpt = load_checkpoint(ckpt_path, 2)
+        load_weights(model, ckpt["model"], ckpt_path)
+        sample_pictures(fast, schedule, args, device, ckpt["epoch"], files, final=True)
+        return files
+    data = load_mnist(args.data_dir, True, device, args.limit)
 
-        def on_epoch_end(epoch, losses):
-            path = os.path.join(args.out_dir, "part2_loss.png")
-            save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, "
-                           f"lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
-            if epoch == args.epochs:
-                files.append(path)
-            if epoch in picture_epochs:
-                sample_pictures(model, schedule, args, device, f"epoch{epoch:02d}", files)
+    def on_epoch_end(epoch, losses):
+        path = os.path.join(args.out_dir, "part2_loss.png")
+        save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, "
+                       f"lr {args.lr:g} decaying to {args.lr * args.lr_decay:g}", math.ceil(len(data[0]) / args.batch_size))
+        files.append(path)
+        if epoch in (1, 5, 10, 15, 20, args.epochs):
+            sample_pictures(fast, schedule, args, device, epoch, files, final=epoch == args.epochs)
 
-        train(args, model, loss_fn, data, ckpt_path, on_epoch_end)
-    sample_pictures(model, schedule, args, device, "final", files, extras=True)
+    loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
+    train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
     return files
+
+
+# --------------------------------------------------------------------------- benchmark
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock times measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def benchmark(args, device: torch.device) -> None:
+    """Time --bench-steps training steps and one 40-digit sampling pass on random data; print name=value."""
+    schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
+    model, fast = prepare(ConditionalUNet(1, 10, args.hidden), args, device)
+    opt, _ = make_optimizer(model, args)
+    x, y = torch.rand(args.batch_size, 1, 28, 28, device=device), torch.randint(0, 10, (args.batch_size,), device=device)
+    loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
+    t0 = time.time()
+    for _ in range(3):  # warm-up: kernels chosen, and compiled with --compile
+        train_step(fast, opt, loss_fn, x, y, args.amp)
+    sync(device)
+    print(f"warmup_s={time.time() - t0:.2f}")
+    t0 = time.time()
+    for _ in range(args.bench_steps):
+        train_step(fast, opt, loss_fn, x, y, args.amp)
+    sync(device)
+    train_rate = args.bench_steps * args.batch_size / (time.time() - t0)
+    c = torch.arange(10, device=device).repeat(4)  # the 40-digit grid
+    sample(fast, c, schedule, args, args.guidance_scale)  # warm-up at the sampling batch size
+    sync(device)
+    t0 = time.time()
+    sample(fast, c, schedule, args, args.guidance_scale)
+    sync(device)
+    sample_s = time.time() - t0
+    grids = len({1, 5, 10, 15, 20, args.epochs} & set(range(1, args.epochs + 1))) + 2  # + gamma 0 and 10
+    print(f"train_img_per_s={train_rate:.1f}")
+    print(f"sample_img_per_s={40 / sample_s:.1f}")
+    print(f"sample_grid_s={sample_s:.2f}")
+    print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / train_rate + grids * sample_s:.1f}")
 
 
 # --------------------------------------------------------------------------- main
@@ -569,18 +677,27 @@ def main(argv=None) -> list:
     """Run one part with the given flags (a list, as on the command line); return the files written."""
     args = get_args(argv)
     device = get_device(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
-    if args.sample_only or args.resume:  # the model's shape and schedule come from the checkpoint
-        saved = load_checkpoint(ckpt_path, args.part)["args"] if os.path.exists(ckpt_path) or args.sample_only else {}
-        for k in ("hidden", "num_ts", "beta1", "beta2"):
-            setattr(args, k, saved.get(k, getattr(args, k)))
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    args.sample_steps = args.sample_steps or args.num_ts
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
-          f"lr={args.lr:g} | out: {args.out_dir}")
+          f"lr={args.lr:g} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
+    if args.benchmark:
+        benchmark(args, device)
+        return []
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
+    if args.sample_only or (args.resume and os.path.exists(ckpt_path)):  # shape and schedule from the file
+        saved = load_checkpoint(ckpt_path, args.part)["args"]
+        for k in ("hidden", "num_ts", "beta1", "beta2"):
+            setattr(args, k, saved[k])
+        args.sample_steps = min(args.sample_steps, args.num_ts)
     t0 = time.time()
     files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
-    print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files: {', '.join(sorted(set(files)))}")
+    files = sorted(set(files))
+    print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files under {args.out_dir}: "
+          + ", ".join(os.path.basename(f) for f in files))
     return files
 
 

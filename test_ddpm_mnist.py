@@ -286,11 +286,11 @@ def test_missing_data_message(tmp_path, monkeypatch):
 def test_part1_end_to_end(mnist_dir, tmp_path, capsys):
     files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "1", "--epochs", "2"))
     names = {os.path.basename(f) for f in files}
-    assert names == {"part1_noising.png", "part1_loss.png", "part1_denoised_epoch1.png",
-                     "part1_denoised_final.png", "part1_ood.png"}
+    assert names == {"part1_noising.png", "part1_loss.png", "part1_denoised_epoch01.png",
+                     "part1_denoised_epoch02.png", "part1_ood.png"}
     sizes = {os.path.basename(f): Image.open(f).size for f in files}
     assert sizes["part1_noising.png"] == (cells(7), cells(8) + 30)
-    assert sizes["part1_denoised_final.png"] == (cells(10) + 64, cells(3) + 16)
+    assert sizes["part1_denoised_epoch02.png"] == (cells(10) + 64, cells(3) + 16)
     assert sizes["part1_ood.png"] == (cells(14), cells(4) + 30)
     assert sizes["part1_loss.png"] == (720, 420)
     assert "test MSE at sigma 0.5" in capsys.readouterr().out
@@ -302,7 +302,7 @@ def test_part2_end_to_end_and_sample_only(mnist_dir, tmp_path):
     files = dm.main(flags)
     names = {os.path.basename(f) for f in files}
     assert names == {"part2_loss.png", "part2_samples_epoch01.png", "part2_samples_epoch02.png",
-                     "part2_samples_final.png", "part2_guidance.png", "part2_sampling.gif"}
+                     "part2_guidance.png", "part2_sampling.gif"}
     for f in files:
         size = Image.open(f).size
         if "guidance" in f:
@@ -315,11 +315,11 @@ def test_part2_end_to_end_and_sample_only(mnist_dir, tmp_path):
     out2 = tmp_path / "again"
     files = dm.main(tiny_flags(mnist_dir, out2, "--part", "2", "--sample-only", "--hidden", "99",
                                "--checkpoint", str(tmp_path / "part2.pt")))
-    assert {os.path.basename(f) for f in files} == {"part2_samples_final.png", "part2_guidance.png",
+    assert {os.path.basename(f) for f in files} == {"part2_samples_epoch02.png", "part2_guidance.png",
                                                     "part2_sampling.gif"}
     assert os.path.getmtime(tmp_path / "part2.pt") == before  # sampling does not train or save
-    a = Image.open(tmp_path / "part2_samples_final.png").tobytes()
-    assert a == Image.open(out2 / "part2_samples_final.png").tobytes()  # same model, same seed, same picture
+    a = Image.open(tmp_path / "part2_samples_epoch02.png").tobytes()
+    assert a == Image.open(out2 / "part2_samples_epoch02.png").tobytes()  # same model, same seed, same picture
 
 
 def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
@@ -350,3 +350,61 @@ def test_bad_checkpoints_are_one_line_errors(mnist_dir, tmp_path):
         dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / "other.pt")))
     with pytest.raises(SystemExit, match="no checkpoint"):
         dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / "none.pt")))
+
+
+# --------------------------------------------------------------------------- speed
+class Oracle(torch.nn.Module):
+    """A perfect eps-predictor for one known x_0: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+
+    def __init__(self, x_0, schedule, num_ts):
+        super().__init__()
+        self.x_0, self.abars, self.num_ts = x_0, schedule["alpha_bars"], num_ts
+
+    def forward(self, x, c, t, mask=None):
+        abar = self.abars[(t * self.num_ts).round().long() - 1].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+        return (x - abar.sqrt() * self.x_0.repeat(2, 1, 1, 1)) / (1 - abar).sqrt()
+
+
+def test_strided_sampler_recovers_x0_with_a_perfect_model():
+    T, s = 100, dm.ddpm_schedule(1e-4, 0.02, 100)
+    x_0 = torch.rand(2, 1, 28, 28)
+    for steps in (1, 7, 50):
+        x, caches = dm.ddim_sample(Oracle(x_0, s, T), torch.tensor([0, 1]), (28, 28), s, T, 5.0, seed=1, steps=steps)
+        torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)
+        assert len(caches) == steps
+
+
+def sample_args(**kw):
+    return dm.get_args(["--part", "2", "--hidden", "4", "--num-ts", "20", *sum(([f"--{k}", str(v)] for k, v in
+                                                                                kw.items()), [])])
+
+
+def test_sample_steps_dispatch():
+    unet = dm.ConditionalUNet(1, 10, 4)
+    s, c = dm.ddpm_schedule(1e-4, 0.02, 20), torch.tensor([3, 5])
+    a = sample_args(**{"sample-steps": 20})
+    a.amp = False
+    full, caches = dm.sample(unet, c, s, a, 5.0)
+    ref, ref_caches = dm.ddpm_sample(unet, c, (28, 28), s, 20, 5.0, seed=0)
+    assert torch.equal(full, ref) and len(caches) == len(ref_caches)  # K = T is the spec's sampler
+    a.sample_steps = 5
+    x1, caches = dm.sample(unet, c, s, a, 5.0)
+    x2, _ = dm.sample(unet, c, s, a, 5.0)
+    assert x1.shape == (2, 1, 28, 28) and torch.equal(x1, x2) and len(caches) == 5
+    assert not torch.allclose(x1, full)
+
+
+def test_amp_sampling_step_is_close_and_float32():
+    unet = dm.ConditionalUNet(1, 10, 4).eval()
+    x, c = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    exact, amp = dm.guided_eps(unet, x, c, 5, 10, 3.0), dm.guided_eps(unet, x, c, 5, 10, 3.0, amp=True)
+    assert amp.dtype == torch.float32 and (amp - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_benchmark_prints_name_value_lines(capsys):
+    assert dm.main(["--part", "2", "--benchmark", "--hidden", "4", "--batch-size", "8", "--bench-steps", "1",
+                    "--num-ts", "5", "--device", "cpu"]) == []
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [line.split("=")[0] for line in lines] == ["warmup_s", "train_img_per_s", "sample_img_per_s",
+                                                       "sample_grid_s", "projected_20_epoch_s"]
+    assert all(float(line.split("=")[1]) > 0 for line in lines)
