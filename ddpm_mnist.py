@@ -48,51 +48,57 @@ def get_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance on MNIST.")
     g = p.add_argument_group("run")
     g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
-    g.add_argument("--epochs", type=int, help="training epochs (default: 5 for part 1, 20 for part 2)")
-    g.add_argument("--batch-size", type=int, help="batch size (default: 256 for part 1, 128 for part 2)")
+    g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: 5 for part 1, 20 for part 2)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 256 for part 1, 128 for part 2)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2)")
-    g.add_argument("--lr-decay", type=float, help="the lr decays exponentially to this fraction of --lr over the "
-                   "run (default: 1, no decay, for part 1; 0.1 for part 2)")
-    g.add_argument("--hidden", type=int, default=128, help="UNet width D (default: 128)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--lr-decay", type=float, metavar="F", help="the lr decays exponentially to F times --lr over "
+                   "the run (default: 1, no decay, for part 1; 0.1 for part 2)")
+    g.add_argument("--hidden", type=int, default=128, metavar="D", help="UNet width D (default: 128)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto: cuda, then mps, then cpu)")
-    g.add_argument("--data-dir", default="data", help="root of torchvision's MNIST folder (default: data)")
-    g.add_argument("--out-dir", default="out", help="where pictures and checkpoints go (default: out)")
-    g.add_argument("--limit", type=int, help="train on the first N training images only (default: all 60000)")
+    g.add_argument("--data-dir", default="data", metavar="DIR", help="root of torchvision's MNIST (default: data)")
+    g.add_argument("--out-dir", default="out", metavar="DIR", help="where pictures and checkpoints go (default: out)")
+    g.add_argument("--limit", type=int, metavar="N", help="train on the first N training images (default: all)")
     g = p.add_argument_group("part 1")
     g.add_argument("--sigma", type=float, default=0.5, help="training noise level (default: 0.5)")
     g = p.add_argument_group("part 2")
-    g.add_argument("--num-ts", type=int, default=300, help="diffusion steps T (default: 300)")
+    g.add_argument("--num-ts", type=int, default=300, metavar="T", help="diffusion steps T (default: 300)")
     g.add_argument("--beta1", type=float, default=1e-4, help="first beta of the linear schedule (default: 1e-4)")
     g.add_argument("--beta2", type=float, default=0.02, help="last beta of the linear schedule (default: 0.02)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class (default: 0.1)")
-    g.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale gamma for samples (default: 5)")
+    g.add_argument("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout probability (default: 0.1)")
+    g.add_argument("--guidance-scale", type=float, default=5.0, metavar="G", help="CFG scale gamma (default: 5)")
     g = p.add_argument_group("checkpoints and sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint (default: off)")
-    g.add_argument("--checkpoint", help="checkpoint file (default: OUT_DIR/partN.pt)")
-    g.add_argument("--sample-only", action="store_true", help="write the final pictures from --checkpoint, no training")
-    g.add_argument("--sample-steps", type=int, help="sampling steps K: K = T is the spec's ancestral sampler, "
-                   "K < T the strided deterministic one (default: T)")
+    g.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (default: OUT_DIR/partN.pt)")
+    g.add_argument("--sample-only", action="store_true", help="write the final pictures from the checkpoint "
+                   "without training (default: off)")
+    g.add_argument("--sample-steps", type=int, metavar="K", help="sampling steps: K = T is the spec's ancestral "
+                   "sampler, K < T the strided deterministic one (default: T)")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for cuda only)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast; slower for this small UNet on an H200 and "
+                   "on CPUs without AMX, see README (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default: on)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (default: off)")
+    g.add_argument("--compile", nargs="?", const="default", metavar="MODE", help="torch.compile the UNet; MODE is "
+                   "default, reduce-overhead (CUDA graphs) or max-autotune (default: off)")
     g.add_argument("--benchmark", action="store_true", help="time training and sampling on random data, print "
                    "name=value lines and the projected run time, then exit (default: off)")
-    g.add_argument("--bench-steps", type=int, default=20, help="training steps the benchmark times (default: 20)")
+    g.add_argument("--bench-steps", type=int, default=20, metavar="N", help="steps the benchmark times (default: 20)")
     args = p.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
     for k, v in DEFAULTS[args.part].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     checks = [(args.epochs < 1, "--epochs must be >= 1"), (args.batch_size < 1, "--batch-size must be >= 1"),
-              (args.lr <= 0, "--lr must be > 0"), (args.hidden < 1, "--hidden must be >= 1"),
+              (args.lr <= 0, "--lr must be > 0"), (not 0 < args.lr_decay <= 1, "--lr-decay must be in (0, 1]"),
+              (args.hidden < 1, "--hidden must be >= 1"), (args.limit is not None and args.limit < 1,
+                                                             "--limit must be >= 1"),
               (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
-              (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
               (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
-              (args.limit is not None and args.limit < 1, "--limit must be >= 1"),
-              (not 0 < args.lr_decay <= 1, "--lr-decay must be in (0, 1]"), (args.bench_steps < 1, "--bench-steps must be >= 1"),
-              (args.sample_steps is not None and not 1 <= args.sample_steps <= args.num_ts, "need 1 <= --sample-steps <= --num-ts")]
+              (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
+              (args.sample_steps is not None and not 1 <= args.sample_steps <= args.num_ts,
+               "need 1 <= --sample-steps <= --num-ts"),
+              (args.compile not in (None, "default", "reduce-overhead", "max-autotune"), "unknown --compile mode"),
+              (args.bench_steps < 1, "--bench-steps must be >= 1")]
     for bad, msg in checks:
         if bad:
             p.error(msg)
@@ -114,8 +120,8 @@ def get_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_grid(path: str, x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=()) -> Image.Image:
-    """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscale, label, and save as PNG."""
+def grid_image(x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=()) -> Image.Image:
+    """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with thin gutters and labels."""
     grid = make_grid(x.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=PAD, pad_value=0.5)  # (3, H, W)
     img = to_pil_image(grid).convert("L")
     img = img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
@@ -129,8 +135,12 @@ def save_grid(path: str, x: torch.Tensor, nrow: int, title: str = "", col_labels
         draw.text((left + PAD * SCALE + j * cell + 4, top - 13), s, fill=0)
     for i, s in enumerate(row_labels):
         draw.text((4, top + PAD * SCALE + i * cell + cell // 2 - 8), s, fill=0)
-    canvas.save(path)
     return canvas
+
+
+def save_grid(path: str, *args, **kwargs) -> None:
+    """grid_image(...) saved as PNG."""
+    grid_image(*args, **kwargs).save(path)
 
 
 def nice_ticks(hi: int, n: int = 6) -> list:
@@ -160,8 +170,8 @@ def save_loss_plot(path: str, losses: list, title: str, steps_per_epoch: int) ->
             d.text((4, py(lv) - 6), f"{10 ** lv:.3g}", fill="black")
     d.rectangle([L, T, W - R, H - B], outline="black")
     d.point([(px(i), py(v)) for i, v in enumerate(logs)], fill=(150, 180, 230))
-    k = max(1, n // 50)  # moving average over about 2% of the run
-    smooth = [sum(logs[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(n)]
+    k = max(1, n // 100)  # centred moving average over about 2% of the run (no lag)
+    smooth = [sum(logs[max(0, i - k):i + k + 1]) / len(logs[max(0, i - k):i + k + 1]) for i in range(n)]
     d.line([(px(i), py(v)) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
     d.text((L, 10), title, fill="black")
     d.text(((W - L) // 2, H - 20), f"step ({steps_per_epoch} per epoch)", fill="black")
@@ -234,63 +244,54 @@ def batches(n: int, batch_size: int, device: torch.device):
 # --------------------------------------------------------------------------- model
 class Conv(nn.Sequential):
     """(Din, H, W) -> (Dout, H, W)."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
 class DownConv(nn.Sequential):
     """(Din, H, W) -> (Dout, H/2, W/2)."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
 class UpConv(nn.Sequential):
     """(Din, H, W) -> (Dout, 2H, 2W)."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
 class Flatten(nn.Sequential):
     """(D, 7, 7) -> (D, 1, 1)."""
-
     def __init__(self):
         super().__init__(nn.AvgPool2d(7), nn.GELU())
 
 
 class Unflatten(nn.Sequential):
     """(D, 1, 1) -> (D, 7, 7)."""
-
     def __init__(self, c: int):
         super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
 
 
 class ConvBlock(nn.Sequential):
     """Conv -> Conv: like Conv, with more parameters."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(Conv(cin, cout), Conv(cout, cout))
 
 
 class DownBlock(nn.Sequential):
     """DownConv -> ConvBlock: like DownConv."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
 
 
 class UpBlock(nn.Sequential):
     """UpConv -> ConvBlock: like UpConv."""
-
     def __init__(self, cin: int, cout: int):
         super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
 
 
 class FCBlock(nn.Sequential):
     """(N, Fin) -> (N, Fout): Linear, GELU, Linear."""
-
     def __init__(self, fin: int, fout: int):
         super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 
@@ -380,9 +381,10 @@ def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Te
 def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_ts: int, gamma: float,
                amp: bool = False) -> torch.Tensor:
     """Classifier-free guidance eps_u + gamma (eps_c - eps_u), both halves in one UNet call of 2N."""
-    n = x_t.shape[0]
-    mask = torch.cat([torch.ones(n), torch.zeros(n)]).to(x_t.device)  # (2N,): eps_c half, then eps_u half
-    tt = torch.full((2 * n,), t / num_ts, device=x_t.device)
+    n, dev = x_t.shape[0], x_t.device
+    mask = torch.cat([torch.ones(n, device=dev), torch.zeros(n, device=dev)])  # (2N,): eps_c half, then eps_u half
+    tt = torch.full((2 * n,), t / num_ts, device=dev)
+    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(x_t.device.type, torch.bfloat16, enabled=amp):
         eps = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).float()  # (2N, 1, H, W)
     eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
@@ -394,21 +396,21 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
                 guidance_scale: float = 5.0, seed: int = 0, amp: bool = False):
     """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
 
-    The noise is drawn on the CPU from `seed`, shifted by 1 at each step, so a seed gives the same
-    samples on any device. caches holds x_t for the t with t % 20 == 0 or t == T or t < 8.
+    The noise comes from a generator on c's device, seeded with `seed` for x_T and shifted by 1 at
+    each step. caches holds x_t for the t with t % 20 == 0 or t == T or t < 8.
     """
     was_training = unet.training
     unet.eval()
     dev, shape = c.device, (c.shape[0], 1, *img_wh)
     s = {k: v.tolist() for k, v in schedule.items()}  # python floats: no device sync in the loop
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dev)  # x_T ~ N(0, I)
+    g = torch.Generator(dev).manual_seed(seed)
+    x = torch.randn(shape, generator=g, device=dev)  # x_T ~ N(0, I)
     caches = []
     for t in range(num_ts, 0, -1):
         if t % 20 == 0 or t == num_ts or t < 8:
             caches.append(x)
         g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
-        z = torch.randn(shape, generator=g).to(dev) if t > 1 else torch.zeros_like(x)
+        z = torch.randn(shape, generator=g, device=dev) if t > 1 else torch.zeros_like(x)
         eps = guided_eps(unet, x, c, t, num_ts, guidance_scale, amp)
         a, abar = s["alphas"][t - 1], s["alpha_bars"][t - 1]
         x = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a) + math.sqrt(s["beta_tildes"][t - 1]) * z
@@ -427,7 +429,8 @@ def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     unet.eval()
     abars = schedule["alpha_bars"].tolist()
     ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T, ..., 1
-    x = torch.randn((c.shape[0], 1, *img_wh), generator=torch.Generator().manual_seed(seed)).to(c.device)
+    g = torch.Generator(c.device).manual_seed(seed)
+    x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_T ~ N(0, I), as in ddpm_sample
     caches = []
     for t, t_prev in zip(ts, ts[1:] + [0]):
         caches.append(x)
@@ -448,11 +451,26 @@ def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, guidance_scal
 
 
 # --------------------------------------------------------------------------- training
-def prepare(model: nn.Module, args, device: torch.device):
-    """Move the model to the device in the memory format the flags ask for; return it and the callable
-    to run (torch.compile'd with --compile; checkpoints always hold the plain model's weights)."""
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    return model, torch.compile(model) if args.compile else model
+def part1_loss(fast, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 1 with z from eq. 2: ||D(x + sigma eps) - x||^2, fresh noise for every batch."""
+    return F.mse_loss(fast(x + sigma * torch.randn_like(x)), x)
+
+
+def build(args, device: torch.device):
+    """The part's model, the callable that runs it, its loss_fn(fast, x, labels) and, for Part 2, the schedule.
+
+    The callable is the model itself, or its torch.compile'd wrapper with --compile; checkpoints always
+    hold the plain model's weights.
+    """
+    fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    if args.part == 1:
+        model, schedule = UnconditionalUNet(1, args.hidden).to(device, memory_format=fmt), None
+        loss_fn = lambda fast, x, y: part1_loss(fast, x, args.sigma)
+    else:
+        model = ConditionalUNet(1, 10, args.hidden).to(device, memory_format=fmt)
+        schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
+        loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, x, y, args.p_uncond, args.num_ts)
+    return model, torch.compile(model, mode=args.compile) if args.compile else model, loss_fn, schedule
 
 
 def make_optimizer(model: nn.Module, args):
@@ -463,6 +481,7 @@ def make_optimizer(model: nn.Module, args):
 
 def train_step(fast, opt, loss_fn, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
     """One optimizer step; returns the loss without waiting for the device."""
+    torch.compiler.cudagraph_mark_step_begin()  # with --compile reduce-overhead: a new step's graphs
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         loss = loss_fn(fast, x, y)
     opt.zero_grad(set_to_none=True)
@@ -544,11 +563,6 @@ def denoiser_mse(fast, test_x: torch.Tensor, sigma: float, seed: int, amp: bool 
     return err / test_x.numel(), err_noisy / test_x.numel()
 
 
-def part1_loss(fast, x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Eq. 1 with z from eq. 2: ||D(x + sigma eps) - x||^2, fresh noise for every batch."""
-    return F.mse_loss(fast(x + sigma * torch.randn_like(x)), x)
-
-
 def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     """Train the one-step denoiser (or load it) and write Part 1's pictures."""
     test_x, _ = load_mnist(args.data_dir, False, device)
@@ -557,7 +571,7 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     eps = torch.randn(x.shape, generator=g).to(device)
     noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
     save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
-    model, fast = prepare(UnconditionalUNet(1, args.hidden), args, device)
+    model, fast, loss_fn, _ = build(args, device)
     if args.sample_only:
         ckpt = load_checkpoint(ckpt_path, 1)
         load_weights(model, ckpt["model"], ckpt_path)
@@ -573,7 +587,6 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
                 denoise_pictures(fast, test_x, args, files, epoch, final=epoch == args.epochs)
             files.append(path)
 
-        loss_fn = lambda m, x, y: part1_loss(m, x, y, args.sigma)
         train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
     mse, mse_noisy = denoiser_mse(fast, test_x, args.sigma, args.seed, args.amp)
     print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
@@ -599,18 +612,15 @@ def sample_pictures(fast, schedule: dict, args, device: torch.device, epoch: int
     labels = [f"gamma={g:g}" if r == 0 else "" for g in gammas for r in range(4)]
     save_grid(path, torch.cat(xs), 10, "Part 2: classifier-free guidance scale, same seed", digits, labels)
     path_gif = os.path.join(args.out_dir, "part2_sampling.gif")
-    frames = [save_grid(path_gif + ".png", f, 10, f"Part 2 sampling, gamma {gamma:g}", digits)
-              for f in caches + [x]]  # x_T ... x_1, then x_0
-    os.remove(path_gif + ".png")
-    frames[0].save(path_gif, save_all=True, append_images=frames[1:], duration=[120] * (len(frames) - 1) + [2000],
-                   loop=0)
+    frames = [grid_image(f, 10, f"Part 2 sampling, gamma {gamma:g}", digits) for f in caches + [x]]  # x_T..x_0
+    frames[0].save(path_gif, save_all=True, append_images=frames[1:], loop=0,
+                   duration=[120] * (len(frames) - 1) + [2000])  # hold the final digits for 2 s
     files += [path, path_gif]
 
 
 def run_part2(args, device: torch.device, ckpt_path: str) -> list:
     """Train the class-conditioned DDPM (or load it) and write Part 2's pictures."""
-    schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-    model, fast = prepare(ConditionalUNet(1, 10, args.hidden), args, device)
+    model, fast, loss_fn, schedule = build(args, device)
     files = []
     if args.sample_only:
         ckpt = load_checkpoint(ckpt_path, 2)
@@ -618,16 +628,16 @@ def run_part2(args, device: torch.device, ckpt_path: str) -> list:
         sample_pictures(fast, schedule, args, device, ckpt["epoch"], files, final=True)
         return files
     data = load_mnist(args.data_dir, True, device, args.limit)
+    steps_per_epoch = math.ceil(len(data[0]) / args.batch_size)
 
     def on_epoch_end(epoch, losses):
         path = os.path.join(args.out_dir, "part2_loss.png")
-        save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, "
-                       f"lr {args.lr:g} decaying to {args.lr * args.lr_decay:g}", math.ceil(len(data[0]) / args.batch_size))
+        save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, lr "
+                       f"{args.lr:g} decaying to {args.lr * args.lr_decay:g}", steps_per_epoch)
         files.append(path)
         if epoch in (1, 5, 10, 15, 20, args.epochs):
             sample_pictures(fast, schedule, args, device, epoch, files, final=epoch == args.epochs)
 
-    loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
     train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
     return files
 
@@ -642,14 +652,14 @@ def sync(device: torch.device) -> None:
 
 
 def benchmark(args, device: torch.device) -> None:
-    """Time --bench-steps training steps and one 40-digit sampling pass on random data; print name=value."""
-    schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-    model, fast = prepare(ConditionalUNet(1, 10, args.hidden), args, device)
+    """Time --bench-steps training steps of the part's model on random data and, for Part 2, one 40-digit
+    sampling pass; print name=value lines, the projected time of a full run last."""
+    model, fast, loss_fn, schedule = build(args, device)
     opt, _ = make_optimizer(model, args)
-    x, y = torch.rand(args.batch_size, 1, 28, 28, device=device), torch.randint(0, 10, (args.batch_size,), device=device)
-    loss_fn = lambda m, x, y: ddpm_forward(m, schedule, x, y, args.p_uncond, args.num_ts)
+    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
     t0 = time.time()
-    for _ in range(3):  # warm-up: kernels chosen, and compiled with --compile
+    for _ in range(5):  # warm-up: kernels chosen, and compiled with --compile
         train_step(fast, opt, loss_fn, x, y, args.amp)
     sync(device)
     print(f"warmup_s={time.time() - t0:.2f}")
@@ -658,18 +668,20 @@ def benchmark(args, device: torch.device) -> None:
         train_step(fast, opt, loss_fn, x, y, args.amp)
     sync(device)
     train_rate = args.bench_steps * args.batch_size / (time.time() - t0)
-    c = torch.arange(10, device=device).repeat(4)  # the 40-digit grid
-    sample(fast, c, schedule, args, args.guidance_scale)  # warm-up at the sampling batch size
-    sync(device)
-    t0 = time.time()
-    sample(fast, c, schedule, args, args.guidance_scale)
-    sync(device)
-    sample_s = time.time() - t0
-    grids = len({1, 5, 10, 15, 20, args.epochs} & set(range(1, args.epochs + 1))) + 2  # + gamma 0 and 10
     print(f"train_img_per_s={train_rate:.1f}")
-    print(f"sample_img_per_s={40 / sample_s:.1f}")
-    print(f"sample_grid_s={sample_s:.2f}")
-    print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / train_rate + grids * sample_s:.1f}")
+    projected = args.epochs * 60000 / train_rate
+    if args.part == 2:
+        c = torch.arange(10, device=device).repeat(4)  # the 40-digit grid
+        sample(fast, c, schedule, args, args.guidance_scale)  # warm-up at the sampling batch size
+        sync(device)
+        t0 = time.time()
+        sample(fast, c, schedule, args, args.guidance_scale)
+        sync(device)
+        sample_s = time.time() - t0
+        print(f"sample_img_per_s={40 / sample_s:.1f}")
+        print(f"sample_grid_s={sample_s:.2f}")
+        projected += (len({1, 5, 10, 15, 20, args.epochs} & set(range(1, args.epochs + 1))) + 2) * sample_s
+    print(f"projected_{args.epochs}_epoch_s={projected:.1f}")
 
 
 # --------------------------------------------------------------------------- main
@@ -677,7 +689,6 @@ def main(argv=None) -> list:
     """Run one part with the given flags (a list, as on the command line); return the files written."""
     args = get_args(argv)
     device = get_device(args.device)
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
     args.sample_steps = args.sample_steps or args.num_ts
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)

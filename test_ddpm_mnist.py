@@ -408,3 +408,9 @@ def test_benchmark_prints_name_value_lines(capsys):
     assert [line.split("=")[0] for line in lines] == ["warmup_s", "train_img_per_s", "sample_img_per_s",
                                                        "sample_grid_s", "projected_20_epoch_s"]
     assert all(float(line.split("=")[1]) > 0 for line in lines)
+
+
+def test_part1_benchmark_has_no_sampling(capsys):
+    dm.main(["--part", "1", "--benchmark", "--hidden", "4", "--batch-size", "8", "--bench-steps", "1", "--device", "cpu"])
+    keys = [line.split("=")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert keys == ["warmup_s", "train_img_per_s", "projected_5_epoch_s"]
