@@ -507,7 +507,7 @@ def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_
     elif args.resume:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
     steps = math.ceil(n / args.batch_size)
-    t_start, t_last, done = time.time(), time.time(), 0
+    t_start, t_last, done, t_other = time.time(), time.time(), 0, 0.0  # t_other: pictures and checkpoints
     for epoch in range(start, args.epochs + 1):
         fast.train()
         epoch_losses = []
@@ -515,15 +515,17 @@ def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_
             epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx], args.amp))
             done += len(idx)
             if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
-                t_last, rate = time.time(), done / (time.time() - t_start)
+                t_last, rate = time.time(), done / (time.time() - t_start - t_other)
                 eta = ((args.epochs - epoch + 1) * n - (i + 1) * args.batch_size) / rate
                 print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss "
                       f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
         sched.step()
+        t_other -= time.time()
         losses += torch.stack(epoch_losses).float().tolist()
+        on_epoch_end(epoch, losses)  # pictures first: an interrupt during them repeats this epoch on --resume
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), epoch=epoch, args=vars(args), rng=rng_state(), losses=losses)
-        on_epoch_end(epoch, losses)
+        t_other += time.time()
     return losses
 
 
@@ -705,7 +707,10 @@ def main(argv=None) -> list:
             setattr(args, k, saved[k])
         args.sample_steps = min(args.sample_steps, args.num_ts)
     t0 = time.time()
-    files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
+    try:
+        files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {ckpt_path} holds the last finished epoch; add --resume to continue from it")
     files = sorted(set(files))
     print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files under {args.out_dir}: "
           + ", ".join(os.path.basename(f) for f in files))

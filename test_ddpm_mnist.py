@@ -414,3 +414,22 @@ def test_part1_benchmark_has_no_sampling(capsys):
     dm.main(["--part", "1", "--benchmark", "--hidden", "4", "--batch-size", "8", "--bench-steps", "1", "--device", "cpu"])
     keys = [line.split("=")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert keys == ["warmup_s", "train_img_per_s", "projected_5_epoch_s"]
+
+
+def test_interrupt_during_pictures_repeats_that_epoch_on_resume(mnist_dir, tmp_path, monkeypatch):
+    flags = tiny_flags(mnist_dir, tmp_path, "--epochs", "2", "--limit", "32")
+    real_plot = dm.save_loss_plot
+
+    def interrupt_in_epoch_2(path, losses, *args):
+        real_plot(path, losses, *args)
+        if len(losses) > 1:  # one step per epoch: the second call is epoch 2's
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "save_loss_plot", interrupt_in_epoch_2)
+    with pytest.raises(SystemExit, match="--resume"):
+        dm.main(flags)
+    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(dm, "save_loss_plot", real_plot)
+    files = dm.main(flags + ["--resume"])
+    assert any(f.endswith("part1_denoised_epoch02.png") for f in files)
+    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 2
