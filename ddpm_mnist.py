@@ -11,7 +11,12 @@ classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
 
 In a notebook, paste this file into a cell, then call main(["--part", "2"]).
 Everything a run writes (PNG grids, loss curves, a GIF, checkpoints) goes under --out-dir.
-MNIST is downloaded into --data-dir when missing. See README.md for measured times and pictures.
+MNIST is downloaded into --data-dir when missing.
+
+Time and result with the defaults on one NVIDIA H200: Part 1 in about 25 s (test MSE 0.008 at
+sigma 0.5, against 0.25 for the noisy input), Part 2 in about 2 minutes (all 40 digits of the
+final grid of the requested class). A CPU is far slower: try --hidden 32 --epochs 2 first.
+README.md has the measured figures and pictures.
 """
 
 import argparse
@@ -516,7 +521,7 @@ def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_
             done += len(idx)
             if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
                 t_last, rate = time.time(), done / (time.time() - t_start - t_other)
-                eta = ((args.epochs - epoch + 1) * n - (i + 1) * args.batch_size) / rate
+                eta = ((args.epochs - epoch + 1) * n - min((i + 1) * args.batch_size, n)) / rate
                 print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss "
                       f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
         sched.step()
