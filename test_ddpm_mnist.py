@@ -243,6 +243,7 @@ def test_part_defaults():
     a1, a2 = dm.get_args([]), dm.get_args(["--part", "2"])
     assert (a1.part, a1.epochs, a1.batch_size, a1.lr, a1.hidden, a1.sigma) == (1, 5, 256, 1e-4, 128, 0.5)
     assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale, a2.beta1, a2.beta2) == (20, 300, 0.1, 5.0, 1e-4, 0.02)
+    assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
     assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
 
 
