@@ -247,56 +247,47 @@ def batches(n: int, batch_size: int, device: torch.device):
 
 
 # --------------------------------------------------------------------------- model
-class Conv(nn.Sequential):
-    """(Din, H, W) -> (Dout, H, W)."""
+class Conv(nn.Sequential):  # (Din, H, W) -> (Dout, H, W)
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
-class DownConv(nn.Sequential):
-    """(Din, H, W) -> (Dout, H/2, W/2)."""
+class DownConv(nn.Sequential):  # (Din, H, W) -> (Dout, H/2, W/2)
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
-class UpConv(nn.Sequential):
-    """(Din, H, W) -> (Dout, 2H, 2W)."""
+class UpConv(nn.Sequential):  # (Din, H, W) -> (Dout, 2H, 2W)
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
 
-class Flatten(nn.Sequential):
-    """(D, 7, 7) -> (D, 1, 1)."""
+class Flatten(nn.Sequential):  # (D, 7, 7) -> (D, 1, 1)
     def __init__(self):
         super().__init__(nn.AvgPool2d(7), nn.GELU())
 
 
-class Unflatten(nn.Sequential):
-    """(D, 1, 1) -> (D, 7, 7)."""
+class Unflatten(nn.Sequential):  # (D, 1, 1) -> (D, 7, 7)
     def __init__(self, c: int):
         super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
 
 
-class ConvBlock(nn.Sequential):
-    """Conv -> Conv: like Conv, with more parameters."""
+class ConvBlock(nn.Sequential):  # Conv -> Conv: like Conv, with more parameters
     def __init__(self, cin: int, cout: int):
         super().__init__(Conv(cin, cout), Conv(cout, cout))
 
 
-class DownBlock(nn.Sequential):
-    """DownConv -> ConvBlock: like DownConv."""
+class DownBlock(nn.Sequential):  # DownConv -> ConvBlock: like DownConv
     def __init__(self, cin: int, cout: int):
         super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
 
 
-class UpBlock(nn.Sequential):
-    """UpConv -> ConvBlock: like UpConv."""
+class UpBlock(nn.Sequential):  # UpConv -> ConvBlock: like UpConv
     def __init__(self, cin: int, cout: int):
         super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
 
 
-class FCBlock(nn.Sequential):
-    """(N, Fin) -> (N, Fout): Linear, GELU, Linear."""
+class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
     def __init__(self, fin: int, fout: int):
         super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 
@@ -653,10 +644,8 @@ def run_part2(args, device: torch.device, ckpt_path: str) -> list:
 # --------------------------------------------------------------------------- benchmark
 def sync(device: torch.device) -> None:
     """Wait for the device, so that wall-clock times measure finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 def benchmark(args, device: torch.device) -> None:
