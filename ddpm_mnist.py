@@ -9,6 +9,11 @@ classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
     python ddpm_mnist.py --part 1                 # single-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
+Beyond the spec, each behind a flag: rectified flow (--method flow), a residual UNet (--arch res),
+an EMA of the weights (--ema), data in [-1, 1] (--pm1), clipped x0 while sampling (--clip-x0), a
+quality number (--eval: a small MNIST classifier's accuracy and Frechet distance), and --preset best,
+the combination that measured best (README).
+
 In a notebook, paste this file into a cell, then call main(["--part", "2"]).
 Everything a run writes (PNG grids, loss curves, a GIF, checkpoints) goes under --out-dir.
 MNIST is downloaded into --data-dir when missing.
@@ -20,6 +25,7 @@ README.md has the measured figures and pictures.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -30,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
@@ -39,6 +46,8 @@ DEFAULTS = {  # part-specific defaults, used when a flag is not given
     1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),
     2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),  # chosen by measured comparisons, see README
 }
+EMA_DECAY = 0.999  # --ema without a value
+PRESETS = {"spec": {}, "best": dict(arch="res", ema=EMA_DECAY, pm1=True, clip_x0=True)}  # measured: README
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,37 +57,58 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def floats(text: str) -> list:
+    """'0,1,3' -> [0.0, 1.0, 3.0]."""
+    return [float(v) for v in text.split(",")]
+
+
 def get_args(argv=None) -> argparse.Namespace:
     """Parse flags; argv=None reads sys.argv, a list makes main() callable from a notebook."""
     p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance on MNIST.")
     g = p.add_argument_group("run")
     g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
+    g.add_argument("--preset", choices=list(PRESETS), default="spec", help="spec: the course's model; best: "
+                   f"{' '.join(f'--{k}={v}' for k, v in PRESETS['best'].items())}; flags given win (default: spec)")
     g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: 5 for part 1, 20 for part 2)")
     g.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 256 for part 1, 128 for part 2)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2)")
     g.add_argument("--lr-decay", type=float, metavar="F", help="the lr decays exponentially to F times --lr "
                    "over the run (default: 1, a constant lr, for part 1; 0.1 for part 2)")
     g.add_argument("--hidden", type=int, default=128, metavar="D", help="UNet width D (default: 128)")
+    g.add_argument("--arch", choices=["spec", "res"], default="spec", help="spec: the course's UNet; res: the same "
+                   "weights with a residual connection around each ConvBlock (default: spec)")
+    g.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, metavar="DECAY", help="keep an exponential "
+                   f"moving average of the weights, used for pictures (default: off; DECAY {EMA_DECAY} if not given)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto: cuda, then mps, then cpu)")
     g.add_argument("--data-dir", default="data", metavar="DIR", help="root of torchvision's MNIST (default: data)")
     g.add_argument("--out-dir", default="out", metavar="DIR", help="where pictures and checkpoints go (default: out)")
     g.add_argument("--limit", type=int, metavar="N", help="train on the first N training images (default: all)")
+    g.add_argument("--eval", type=int, nargs="?", const=20, metavar="N", help="score the final model: Part 1 PSNR "
+                   "per sigma; Part 2 a small classifier's verdict on N samples per digit (default: off; N 20)")
     g = p.add_argument_group("part 1")
     g.add_argument("--sigma", type=float, default=0.5, help="training noise level (default: 0.5)")
     g = p.add_argument_group("part 2")
+    g.add_argument("--method", choices=["ddpm", "flow"], default="ddpm", help="ddpm: predict eps (the spec); flow: "
+                   "rectified flow, predict the velocity (default: ddpm)")
     g.add_argument("--num-ts", type=int, default=300, metavar="T", help="diffusion steps T (default: 300)")
     g.add_argument("--beta1", type=float, default=1e-4, help="first beta of the linear schedule (default: 1e-4)")
     g.add_argument("--beta2", type=float, default=0.02, help="last beta of the linear schedule (default: 0.02)")
     g.add_argument("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout probability (default: 0.1)")
-    g.add_argument("--guidance-scale", type=float, default=5.0, metavar="G", help="CFG scale gamma (default: 5)")
+    g.add_argument("--pm1", action="store_true", help="diffuse the data scaled to [-1, 1]; pictures stay in [0, 1] "
+                   "(default: off, data in [0, 1] as in the spec)")
     g = p.add_argument_group("checkpoints and sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint (default: off)")
     g.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (default: OUT_DIR/partN.pt)")
     g.add_argument("--sample-only", action="store_true", help="write the final pictures from the checkpoint "
                    "without training (default: off)")
-    g.add_argument("--sample-steps", type=int, metavar="K", help="sampling steps: K = T is the spec's ancestral "
-                   "sampler, K < T the strided deterministic one (default: T)")
+    g.add_argument("--guidance-scale", type=float, default=5.0, metavar="G", help="CFG scale gamma (default: 5)")
+    g.add_argument("--gammas", type=floats, default=[0.0, 1.0, 3.0, 5.0, 10.0], metavar="G,G",
+                   help="guidance scales of the final sweep picture and of --eval (default: 0,1,3,5,10)")
+    g.add_argument("--sample-steps", type=int, metavar="K", help="sampling steps: for ddpm K = T is the spec's "
+                   "ancestral sampler, K < T the strided deterministic one; for flow K Euler steps (default: T)")
+    g.add_argument("--clip-x0", action="store_true", help="clip the predicted clean image to the data range at "
+                   "each sampling step (default: off)")
     g = p.add_argument_group("speed")
     g.add_argument("--amp", action="store_true", help="bf16 autocast; slower for this small UNet on an H200 and "
                    "on CPUs without AMX, see README (default: off)")
@@ -89,19 +119,21 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--benchmark", action="store_true", help="time training and sampling on random data, print "
                    "name=value lines and the projected run time, then exit (default: off)")
     g.add_argument("--bench-steps", type=int, default=20, metavar="N", help="steps the benchmark times (default: 20)")
-    args = p.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
-    for k, v in DEFAULTS[args.part].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    argv = [] if argv is None and "ipykernel" in sys.modules else argv
+    args = p.parse_args(argv)
+    p.set_defaults(**PRESETS[args.preset], **DEFAULTS[args.part])  # flags on the command line still win
+    args = p.parse_args(argv)
     checks = [(args.epochs < 1, "--epochs must be >= 1"), (args.batch_size < 1, "--batch-size must be >= 1"),
               (args.lr <= 0, "--lr must be > 0"), (not 0 < args.lr_decay <= 1, "--lr-decay must be in (0, 1]"),
               (args.hidden < 1, "--hidden must be >= 1"), (args.limit is not None and args.limit < 1,
                                                              "--limit must be >= 1"),
+              (args.ema is not None and not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
+              (args.eval is not None and args.eval < 1, "--eval must be >= 1"),
               (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
               (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
               (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
-              (args.sample_steps is not None and not 1 <= args.sample_steps <= args.num_ts,
-               "need 1 <= --sample-steps <= --num-ts"),
+              (args.sample_steps is not None and not 1 <= args.sample_steps <= (
+                  args.num_ts if args.method == "ddpm" else 10 ** 6), "need 1 <= --sample-steps <= --num-ts"),
               (args.compile not in (None, "default", "reduce-overhead", "max-autotune"), "unknown --compile mode"),
               (args.bench_steps < 1, "--bench-steps must be >= 1")]
     for bad, msg in checks:
@@ -125,21 +157,21 @@ def get_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def grid_image(x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=()) -> Image.Image:
+def grid_image(x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=(), scale: int = SCALE):
     """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with thin gutters and labels."""
     grid = make_grid(x.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=PAD, pad_value=0.5)  # (3, H, W)
     img = to_pil_image(grid).convert("L")
-    img = img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     left = 64 if any(row_labels) else 0
     top = (16 if title else 0) + (14 if any(col_labels) else 0)
     canvas = Image.new("L", (img.width + left, img.height + top), 255)
     canvas.paste(img, (left, top))
-    draw, cell = ImageDraw.Draw(canvas), (28 + PAD) * SCALE
+    draw, cell = ImageDraw.Draw(canvas), (28 + PAD) * scale
     draw.text((4, 2), title, fill=0)
     for j, s in enumerate(col_labels):
-        draw.text((left + PAD * SCALE + j * cell + 4, top - 13), s, fill=0)
+        draw.text((left + PAD * scale + j * cell + 4, top - 13), s, fill=0)
     for i, s in enumerate(row_labels):
-        draw.text((4, top + PAD * SCALE + i * cell + cell // 2 - 8), s, fill=0)
+        draw.text((4, top + PAD * scale + i * cell + cell // 2 - 8), s, fill=0)
     return canvas
 
 
@@ -273,18 +305,22 @@ class Unflatten(nn.Sequential):  # (D, 1, 1) -> (D, 7, 7)
 
 
 class ConvBlock(nn.Sequential):  # Conv -> Conv: like Conv, with more parameters
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, residual: bool = False):
         super().__init__(Conv(cin, cout), Conv(cout, cout))
+        self.residual = residual and cin == cout  # --arch res: x + Conv(Conv(x)), same weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x) if self.residual else super().forward(x)
 
 
 class DownBlock(nn.Sequential):  # DownConv -> ConvBlock: like DownConv
-    def __init__(self, cin: int, cout: int):
-        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
+    def __init__(self, cin: int, cout: int, residual: bool = False):
+        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout, residual))
 
 
 class UpBlock(nn.Sequential):  # UpConv -> ConvBlock: like UpConv
-    def __init__(self, cin: int, cout: int):
-        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
+    def __init__(self, cin: int, cout: int, residual: bool = False):
+        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout, residual))
 
 
 class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
@@ -295,12 +331,12 @@ class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28). Concat is torch.cat along channels."""
 
-    def __init__(self, in_channels: int = 1, num_hiddens: int = 128):
+    def __init__(self, in_channels: int = 1, num_hiddens: int = 128, residual: bool = False):
         super().__init__()
-        D = num_hiddens
-        self.conv_in, self.down1, self.down2 = ConvBlock(in_channels, D), DownBlock(D, D), DownBlock(D, 2 * D)
+        D, r = num_hiddens, residual
+        self.conv_in, self.down1, self.down2 = ConvBlock(in_channels, D), DownBlock(D, D, r), DownBlock(D, 2 * D, r)
         self.flatten, self.unflatten = Flatten(), Unflatten(2 * D)
-        self.up1, self.up2 = UpBlock(4 * D, D), UpBlock(2 * D, D)
+        self.up1, self.up2 = UpBlock(4 * D, D, r), UpBlock(2 * D, D, r)
         self.conv_out, self.head = ConvBlock(2 * D, D), nn.Conv2d(D, in_channels, 3, 1, 1)
 
     def unet(self, x: torch.Tensor, film1=None, film2=None) -> torch.Tensor:
@@ -324,8 +360,8 @@ class UnconditionalUNet(nn.Module):
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet: eps_theta(x_t, t, c) with t = t/T in [0, 1] and class c one-hot, through FCBlocks."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128):
-        super().__init__(in_channels, num_hiddens)
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128, residual: bool = False):
+        super().__init__(in_channels, num_hiddens, residual)
         D, self.num_classes = num_hiddens, num_classes
         self.fc1_t, self.fc1_c = FCBlock(1, 2 * D), FCBlock(num_classes, 2 * D)
         self.fc2_t, self.fc2_c = FCBlock(1, D), FCBlock(num_classes, D)
@@ -363,23 +399,38 @@ def add_noise(schedule: dict, x_0: torch.Tensor, t: torch.Tensor, eps: torch.Ten
     return abar.sqrt() * x_0 + (1 - abar).sqrt() * eps
 
 
+def drop_mask(n: int, p_uncond: float, device) -> torch.Tensor:
+    """Class-dropout mask (n,): 1 keeps the class, 0 (with probability p_uncond) drops it."""
+    return (torch.rand(n, device=device) >= p_uncond).float()
+
+
 def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Tensor, p_uncond: float,
                  num_ts: int) -> torch.Tensor:
     """Algorithm 1: the loss ||eps - eps_theta(x_t, t, c)||^2 for one batch x_0 (N, 1, 28, 28), c (N,)."""
     t = sample_t(x_0.shape[0], num_ts, x_0.device)
     eps = torch.randn_like(x_0)
     x_t = add_noise(schedule, x_0, t, eps)
-    mask = (torch.rand(x_0.shape[0], device=x_0.device) >= p_uncond).float()  # 0 with probability p_uncond
-    return F.mse_loss(unet(x_t, c, t / num_ts, mask), eps)
+    return F.mse_loss(unet(x_t, c, t / num_ts, drop_mask(x_0.shape[0], p_uncond, x_0.device)), eps)
+
+
+def flow_forward(unet: nn.Module, x_1: torch.Tensor, c: torch.Tensor, p_uncond: float) -> torch.Tensor:
+    """Rectified flow (arXiv 2209.03003): x_t = (1 - t) x_0 + t x_1 runs straight from noise x_0 ~ N(0, I)
+    at t = 0 to data x_1 at t = 1, t ~ U[0, 1]; the loss is ||(x_1 - x_0) - v_theta(x_t, t, c)||^2."""
+    t = torch.rand(x_1.shape[0], device=x_1.device)  # (N,)
+    x_0 = torch.randn_like(x_1)
+    t4 = t.view(-1, 1, 1, 1)  # (N, 1, 1, 1) broadcast over pixels
+    x_t = (1 - t4) * x_0 + t4 * x_1
+    return F.mse_loss(unet(x_t, c, t, drop_mask(x_1.shape[0], p_uncond, x_1.device)), x_1 - x_0)
 
 
 @torch.no_grad()
-def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_ts: int, gamma: float,
+def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t_norm: float, gamma: float,
                amp: bool = False) -> torch.Tensor:
-    """Classifier-free guidance eps_u + gamma (eps_c - eps_u), both halves in one UNet call of 2N."""
+    """Classifier-free guidance eps_u + gamma (eps_c - eps_u) at time t_norm in [0, 1], both halves in one
+    UNet call of 2N (for flow the same formula guides the velocity)."""
     n, dev = x_t.shape[0], x_t.device
     mask = torch.cat([torch.ones(n, device=dev), torch.zeros(n, device=dev)])  # (2N,): eps_c half, then eps_u half
-    tt = torch.full((2 * n,), t / num_ts, device=dev)
+    tt = torch.full((2 * n,), t_norm, device=dev)
     torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(x_t.device.type, torch.bfloat16, enabled=amp):
         eps = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).float()  # (2N, 1, H, W)
@@ -387,13 +438,19 @@ def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: int, num_
     return eps_u + gamma * (eps_c - eps_u)
 
 
+def kept(i: int, steps: int) -> bool:
+    """Whether step i of steps is one of the about 30 evenly spaced x_t that caches keep."""
+    return i % max(1, steps // 30) == 0
+
+
 @torch.no_grad()
 def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False):
+                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, clip=None):
     """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
 
     The noise comes from a generator on c's device, seeded with `seed` for x_T and shifted by 1 at
-    each step. caches holds x_t for the t with t % 20 == 0 or t == T or t < 8.
+    each step. caches holds x_T and every (T // 30)-th x_t after it. clip=(lo, hi) clips the predicted
+    x_0 (eq. 15 of the paper) and steps to the posterior mean of eq. 7 from it; None is the spec's update.
     """
     was_training = unet.training
     unet.eval()
@@ -403,23 +460,29 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     x = torch.randn(shape, generator=g, device=dev)  # x_T ~ N(0, I)
     caches = []
     for t in range(num_ts, 0, -1):
-        if t % 20 == 0 or t == num_ts or t < 8:
+        if kept(num_ts - t, num_ts):
             caches.append(x)
         g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
         z = torch.randn(shape, generator=g, device=dev) if t > 1 else torch.zeros_like(x)
-        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale, amp)
-        a, abar = s["alphas"][t - 1], s["alpha_bars"][t - 1]
-        x = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a) + math.sqrt(s["beta_tildes"][t - 1]) * z
+        eps = guided_eps(unet, x, c, t / num_ts, guidance_scale, amp)
+        a, abar, beta = s["alphas"][t - 1], s["alpha_bars"][t - 1], s["betas"][t - 1]
+        if clip is None:
+            mean = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a)
+        else:
+            abar_prev = s["alpha_bars"][t - 2] if t > 1 else 1.0  # abar_0 = 1
+            x_0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(*clip)
+            mean = (math.sqrt(abar_prev) * beta * x_0 + math.sqrt(a) * (1 - abar_prev) * x) / (1 - abar)  # eq. 7
+        x = mean + math.sqrt(s["beta_tildes"][t - 1]) * z
     unet.train(was_training)
     return x, caches
 
 
 @torch.no_grad()
 def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, steps: int = 50):
+                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, steps: int = 50, clip=None):
     """Deterministic strided sampler (DDIM with eta 0, arXiv 2010.02502) over `steps` of the T timesteps.
 
-    Same model, same x_T for a seed; caches holds x_t before every step.
+    Same model, same x_T for a seed; caches as in ddpm_sample; clip=(lo, hi) clips the predicted x_0.
     """
     was_training = unet.training
     unet.eval()
@@ -428,22 +491,59 @@ def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     g = torch.Generator(c.device).manual_seed(seed)
     x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_T ~ N(0, I), as in ddpm_sample
     caches = []
-    for t, t_prev in zip(ts, ts[1:] + [0]):
-        caches.append(x)
-        eps = guided_eps(unet, x, c, t, num_ts, guidance_scale, amp)
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
+        if kept(i, len(ts)):
+            caches.append(x)
+        eps = guided_eps(unet, x, c, t / num_ts, guidance_scale, amp)
         abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
         x_0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # eq. 8
+        if clip is not None:
+            x_0 = x_0.clamp(*clip)
+            eps = (x - math.sqrt(abar) * x_0) / math.sqrt(1 - abar)  # the eps that this x_0 implies
         x = math.sqrt(abar_prev) * x_0 + math.sqrt(1 - abar_prev) * eps  # x_t_prev on the same eps
     unet.train(was_training)
     return x, caches
 
 
+@torch.no_grad()
+def flow_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, steps: int, guidance_scale: float = 5.0,
+                seed: int = 0, amp: bool = False, clip=None):
+    """Euler steps x <- x + v / K along the guided velocity from noise (t = 0) to data (t = 1).
+
+    Same x at t = 0 as ddpm_sample's x_T for a seed; caches as in ddpm_sample; clip=(lo, hi) clips the
+    predicted end point x_1 = x_t + (1 - t) v.
+    """
+    was_training = unet.training
+    unet.eval()
+    g = torch.Generator(c.device).manual_seed(seed)
+    x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_0 ~ N(0, I)
+    caches = []
+    for i in range(steps):
+        if kept(i, steps):
+            caches.append(x)
+        t = i / steps
+        v = guided_eps(unet, x, c, t, guidance_scale, amp)
+        if clip is not None:
+            v = ((x + (1 - t) * v).clamp(*clip) - x) / (1 - t)
+        x = x + v / steps
+    unet.train(was_training)
+    return x, caches
+
+
 def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, guidance_scale: float):
-    """The spec's ancestral sampler when --sample-steps is T, else the strided one."""
-    kw = dict(seed=args.seed, amp=args.amp)
-    if args.sample_steps >= args.num_ts:
-        return ddpm_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, **kw)
-    return ddim_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, steps=args.sample_steps, **kw)
+    """Samples of --method with --sample-steps (the spec's ancestral sampler when ddpm and K = T), and
+    their caches, as pictures in [0, 1]."""
+    clip = ((-1.0, 1.0) if args.pm1 else (0.0, 1.0)) if args.clip_x0 else None
+    kw = dict(seed=args.seed, amp=args.amp, clip=clip)
+    if args.method == "flow":
+        x, caches = flow_sample(unet, c, (28, 28), args.sample_steps, guidance_scale, **kw)
+    elif args.sample_steps >= args.num_ts:
+        x, caches = ddpm_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, **kw)
+    else:
+        x, caches = ddim_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, steps=args.sample_steps, **kw)
+    if args.pm1:
+        x, caches = (x + 1) / 2, [(f + 1) / 2 for f in caches]  # [-1, 1] -> [0, 1]
+    return x, caches
 
 
 # --------------------------------------------------------------------------- training
@@ -453,26 +553,43 @@ def part1_loss(fast, x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def build(args, device: torch.device):
-    """The part's model, the callable that runs it, its loss_fn(fast, x, labels) and, for Part 2, the schedule.
+    """The part's model, the callable that runs it, its loss_fn(fast, x, labels), for Part 2 the schedule,
+    and with --ema the AveragedModel of the weights (else None).
 
     The callable is the model itself, or its torch.compile'd wrapper with --compile; checkpoints always
     hold the plain model's weights.
     """
     fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    residual, schedule = args.arch == "res", None
     if args.part == 1:
-        model, schedule = UnconditionalUNet(1, args.hidden).to(device, memory_format=fmt), None
+        model = UnconditionalUNet(1, args.hidden, residual).to(device, memory_format=fmt)
         loss_fn = lambda fast, x, y: part1_loss(fast, x, args.sigma)
+    elif args.method == "flow":
+        model = ConditionalUNet(1, 10, args.hidden, residual).to(device, memory_format=fmt)
+        loss_fn = lambda fast, x, y: flow_forward(fast, 2 * x - 1 if args.pm1 else x, y, args.p_uncond)
     else:
-        model = ConditionalUNet(1, 10, args.hidden).to(device, memory_format=fmt)
+        model = ConditionalUNet(1, 10, args.hidden, residual).to(device, memory_format=fmt)
         schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-        loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, x, y, args.p_uncond, args.num_ts)
-    return model, torch.compile(model, mode=args.compile) if args.compile else model, loss_fn, schedule
+        loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, 2 * x - 1 if args.pm1 else x, y, args.p_uncond,
+                                                  args.num_ts)  # --pm1: [0, 1] -> [-1, 1]
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    return model, torch.compile(model, mode=args.compile) if args.compile else model, loss_fn, schedule, ema
 
 
-def make_optimizer(model: nn.Module, args):
-    """Adam (fused on CUDA) and an exponential decay to --lr-decay times --lr over the run."""
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=next(model.parameters()).is_cuda)
-    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, args.lr_decay ** (1 / args.epochs))
+def load_model(model: nn.Module, ema, path: str, part: int) -> int:
+    """Load a checkpoint's weights (and its EMA, when ema is an AveragedModel); return its epoch."""
+    ckpt = load_checkpoint(path, part)
+    load_weights(model, ckpt["model"], path)
+    if ema is not None:
+        if "ema" not in ckpt:
+            sys.exit(f"error: {path} holds no EMA weights (drop --ema, or pass --ema 0)")
+        load_weights(ema, ckpt["ema"], path)
+    return ckpt["epoch"]
+
+
+def make_optimizer(model: nn.Module, args) -> torch.optim.Adam:
+    """Adam, fused on CUDA."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, fused=next(model.parameters()).is_cuda)
 
 
 def train_step(fast, opt, loss_fn, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
@@ -486,17 +603,19 @@ def train_step(fast, opt, loss_fn, x: torch.Tensor, y: torch.Tensor, amp: bool) 
     return loss.detach()
 
 
-def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_end) -> list:
-    """The loop both parts share: shuffled batches, progress lines, a checkpoint every epoch."""
+def train(args, model: nn.Module, fast, loss_fn, ema, data, ckpt_path: str, on_epoch_end) -> list:
+    """The loop both parts share: shuffled batches, progress lines, the EMA update after each step, and
+    on_epoch_end(epoch, losses, net) with net the EMA model (or fast), then a checkpoint, every epoch."""
     train_x, train_y = data
     n, name = len(train_x), f"part {args.part}"
-    opt, sched = make_optimizer(model, args)
+    opt = make_optimizer(model, args)
     start, losses = 1, []
     if args.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, args.part)
         load_weights(model, ckpt["model"], ckpt_path)
+        if ema is not None and "ema" in ckpt:
+            load_weights(ema, ckpt["ema"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start, losses = ckpt["epoch"] + 1, ckpt["losses"]
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
@@ -506,23 +625,112 @@ def train(args, model: nn.Module, fast, loss_fn, data, ckpt_path: str, on_epoch_
     t_start, t_last, done, t_other = time.time(), time.time(), 0, 0.0  # t_other: pictures and checkpoints
     for epoch in range(start, args.epochs + 1):
         fast.train()
+        for group in opt.param_groups:  # exponential decay: lr at the last epoch is nearly lr_decay * lr
+            group["lr"] = args.lr * args.lr_decay ** ((epoch - 1) / args.epochs)
         epoch_losses = []
         for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
             epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx], args.amp))
+            if ema is not None:
+                ema.update_parameters(model)  # W_ema <- decay W_ema + (1 - decay) W, BatchNorm buffers too
             done += len(idx)
             if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
                 t_last, rate = time.time(), done / (time.time() - t_start - t_other)
                 eta = ((args.epochs - epoch + 1) * n - min((i + 1) * args.batch_size, n)) / rate
                 print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss "
                       f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
-        sched.step()
         t_other -= time.time()
         losses += torch.stack(epoch_losses).float().tolist()
-        on_epoch_end(epoch, losses)  # pictures first: an interrupt during them repeats this epoch on --resume
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), epoch=epoch, args=vars(args), rng=rng_state(), losses=losses)
+        on_epoch_end(epoch, losses, fast if ema is None else ema.module)  # pictures first: an interrupt during
+        extra = {} if ema is None else {"ema": ema.state_dict()}  # them repeats this epoch on --resume
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, args=vars(args),
+                        rng=rng_state(), losses=losses, **extra)
         t_other += time.time()
     return losses
+
+
+# --------------------------------------------------------------------------- evaluation
+class Classifier(nn.Module):
+    """The judge of --eval: a small CNN, (N, 1, 28, 28) -> features (N, 64) -> logits (N, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, 1, 1),
+                                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def get_classifier(args, device: torch.device) -> Classifier:
+    """The judge of --eval: one epoch of Adam on the full training set, seed 0, kept as OUT_DIR/classifier.pt."""
+    clf, path = Classifier().to(device), os.path.join(args.out_dir, "classifier.pt")
+    try:
+        clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return clf.eval()
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a truncated or foreign file: train a new one
+        print(f"eval classifier: {path} is unreadable ({type(e).__name__}); training a new one")
+    train_x, train_y = load_mnist(args.data_dir, True, device)
+    t0, gen = time.time(), torch.Generator(device).manual_seed(0)
+    torch.manual_seed(0)
+    clf = Classifier().to(device)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    for idx in torch.randperm(len(train_x), generator=gen, device=device).split(128):
+        loss = F.cross_entropy(clf(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    test_x, test_y = load_mnist(args.data_dir, False, device)
+    with torch.no_grad():
+        acc = (torch.cat([clf.eval()(b) for b in test_x.split(1000)]).argmax(1) == test_y).float().mean().item()
+    print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}; saved to {path}")
+    torch.save(clf.state_dict(), path)
+    return clf
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between feature sets (N1, F) and (N2, F)."""
+    f1, f2 = f1.double().cpu(), f2.double().cpu()
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
+    w, v = torch.linalg.eigh(s1)
+    r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T  # S1^1/2
+    root_trace = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return ((f1.mean(0) - f2.mean(0)) ** 2).sum().item() + (s1.trace() + s2.trace() - 2 * root_trace).item()
+
+
+@torch.no_grad()
+def judge(clf: Classifier, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The classifier's verdict on images x (N, 1, 28, 28) meant to be digits c (N,); ref: reference features."""
+    f = torch.cat([clf.features(b) for b in x.clamp(0, 1).split(1000)])  # (N, 64)
+    p = F.softmax(clf.head(f), 1)  # (N, 10)
+    hit = (p.argmax(1) == c).float()
+    return dict(accuracy=hit.mean().item(), confidence=p[torch.arange(len(c)), c].mean().item(),
+                frechet=frechet_distance(f, ref), per_digit=[hit[c == d].mean().item() for d in range(10)])
+
+
+def evaluate_part2(net, schedule: dict, args, device: torch.device) -> str:
+    """--eval N: judge N samples per digit at each of --gammas, beside N real test digits per digit."""
+    clf = get_classifier(args, device)
+    test_x, test_y = load_mnist(args.data_dir, False, device)
+    with torch.no_grad():
+        ref = torch.cat([clf.features(b) for b in test_x.split(1000)])  # (10000, 64): the test set's features
+    real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N test digits of each class
+    rows = {"real": judge(clf, test_x[real], test_y[real], ref)}
+    c = torch.arange(10, device=device).repeat(args.eval)  # (10 N,)
+    for gamma in args.gammas:
+        t0 = time.time()
+        rows[f"gamma={gamma:g}"] = judge(clf, sample(net, c, schedule, args, gamma)[0], c, ref)
+        print(f"eval: {len(c)} samples at gamma {gamma:g} in {time.time() - t0:.0f} s", flush=True)
+    print(f"{'samples':>12} | accuracy | confidence | frechet | accuracy per digit 0-9")
+    for name, r in rows.items():
+        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | {r['frechet']:7.2f} | "
+              + " ".join(f"{v:.0%}" for v in r["per_digit"]))
+    path = os.path.join(args.out_dir, "part2_eval.json")
+    with open(path, "w") as f:
+        json.dump(dict(n_per_digit=args.eval, args=vars(args), rows=rows), f, indent=1)
+    return path
 
 
 # --------------------------------------------------------------------------- part 1
@@ -561,6 +769,21 @@ def denoiser_mse(fast, test_x: torch.Tensor, sigma: float, seed: int, amp: bool 
     return err / test_x.numel(), err_noisy / test_x.numel()
 
 
+def evaluate_part1(net, test_x: torch.Tensor, args) -> str:
+    """--eval: test-set PSNR (peak 1) of the denoiser and of its noisy input at each sigma of SIGMAS."""
+    rows = {}
+    for s in SIGMAS:
+        mse, mse_noisy = denoiser_mse(net, test_x, s, args.seed, args.amp)
+        rows[f"sigma={s:g}"] = dict(psnr=-10 * math.log10(mse), psnr_noisy=-10 * math.log10(mse_noisy) if s else None)
+    print("   sigma | PSNR denoised | PSNR noisy input")
+    for name, r in rows.items():
+        print(f"{name[6:]:>8} | {r['psnr']:10.2f} dB | " + (f"{r['psnr_noisy']:.2f} dB" if r["psnr_noisy"] else "-"))
+    path = os.path.join(args.out_dir, "part1_eval.json")
+    with open(path, "w") as f:
+        json.dump(dict(trained_sigma=args.sigma, args=vars(args), rows=rows), f, indent=1)
+    return path
+
+
 def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     """Train the one-step denoiser (or load it) and write Part 1's pictures."""
     test_x, _ = load_mnist(args.data_dir, False, device)
@@ -569,76 +792,76 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     eps = torch.randn(x.shape, generator=g).to(device)
     noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
     save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
-    model, fast, loss_fn, _ = build(args, device)
+    model, fast, loss_fn, _, ema = build(args, device)
     if args.sample_only:
-        ckpt = load_checkpoint(ckpt_path, 1)
-        load_weights(model, ckpt["model"], ckpt_path)
-        denoise_pictures(fast, test_x, args, files, ckpt["epoch"], final=True)
+        epoch = load_model(model, ema, ckpt_path, 1)
+        denoise_pictures(fast if ema is None else ema.module, test_x, args, files, epoch, final=True)
     else:
         data = load_mnist(args.data_dir, True, device, args.limit)
 
-        def on_epoch_end(epoch, losses):
+        def on_epoch_end(epoch, losses, net):
             path = os.path.join(args.out_dir, "part1_loss.png")
             save_loss_plot(path, losses, f"Part 1 loss, D={args.hidden}, sigma={args.sigma}, batch "
                            f"{args.batch_size}, lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
             if epoch == 1 or epoch == args.epochs:
-                denoise_pictures(fast, test_x, args, files, epoch, final=epoch == args.epochs)
+                denoise_pictures(net, test_x, args, files, epoch, final=epoch == args.epochs)
             files.append(path)
 
-        train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
-    mse, mse_noisy = denoiser_mse(fast, test_x, args.sigma, args.seed, args.amp)
+        train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
+    net = fast if ema is None else ema.module
+    mse, mse_noisy = denoiser_mse(net, test_x, args.sigma, args.seed, args.amp)
     print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
-    return files
+    return files + ([evaluate_part1(net, test_x, args)] if args.eval else [])
 
 
 # --------------------------------------------------------------------------- part 2
-def sample_pictures(fast, schedule: dict, args, device: torch.device, epoch: int, files: list,
-                    final: bool) -> None:
-    """The 4 x 10 grid (4 of each digit, one column per digit); after the last epoch also the
-    guidance comparison (gamma 0 / 5 / 10, same seed) and the sampling GIF."""
+def sample_pictures(net, schedule: dict, args, device: torch.device, epoch: int, files: list, final: bool) -> None:
+    """The 4 x 10 grid (4 of each digit, one column per digit); after the last epoch also the guidance
+    sweep (2 rows per gamma of --gammas, same seed) and the sampling GIF of the grid's first 2 rows."""
     c = torch.arange(10, device=device).repeat(4)  # (40,): row r, column j is digit j
     digits, gamma = [str(j) for j in range(10)], args.guidance_scale
-    x, caches = sample(fast, c, schedule, args, gamma)
+    x, caches = sample(net, c, schedule, args, gamma)
     path = os.path.join(args.out_dir, f"part2_samples_epoch{epoch:02d}.png")
     save_grid(path, x, 10, f"Part 2 samples after epoch {epoch}, gamma {gamma:g}", digits)
     files.append(path)
     if not final:
         return
-    gammas = [0.0, 5.0, 10.0]
-    xs = [x if g == gamma else sample(fast, c, schedule, args, g)[0] for g in gammas]
+    xs = [sample(net, c[:20], schedule, args, g)[0] for g in args.gammas]  # len(gammas) x (20, 1, 28, 28)
     path = os.path.join(args.out_dir, "part2_guidance.png")
-    labels = [f"gamma={g:g}" if r == 0 else "" for g in gammas for r in range(4)]
+    labels = [f"gamma={g:g}" if r == 0 else "" for g in args.gammas for r in range(2)]
     save_grid(path, torch.cat(xs), 10, "Part 2: classifier-free guidance scale, same seed", digits, labels)
     path_gif = os.path.join(args.out_dir, "part2_sampling.gif")
-    frames = [grid_image(f, 10, f"Part 2 sampling, gamma {gamma:g}", digits) for f in caches + [x]]  # x_T..x_0
-    frames[0].save(path_gif, save_all=True, append_images=frames[1:], loop=0,
-                   duration=[120] * (len(frames) - 1) + [2000])  # hold the final digits for 2 s
+    frames = [grid_image(f[:20], 10, f"Part 2 {args.method} sampling, gamma {gamma:g}", digits, scale=2)
+              for f in caches + [x]]  # from pure noise to the final digits
+    frames = [f.point(lambda v: v // 16 * 17) for f in frames]  # 16 grey levels: a file several times smaller
+    frames[0].save(path_gif, save_all=True, append_images=frames[1:], loop=0, optimize=True,
+                   duration=[80] * (len(frames) - 1) + [2500])  # 12.5 frames/s, the final digits held 2.5 s
     files += [path, path_gif]
 
 
 def run_part2(args, device: torch.device, ckpt_path: str) -> list:
-    """Train the class-conditioned DDPM (or load it) and write Part 2's pictures."""
-    model, fast, loss_fn, schedule = build(args, device)
+    """Train the class-conditioned DDPM or flow (or load it) and write Part 2's pictures."""
+    model, fast, loss_fn, schedule, ema = build(args, device)
     files = []
     if args.sample_only:
-        ckpt = load_checkpoint(ckpt_path, 2)
-        load_weights(model, ckpt["model"], ckpt_path)
-        sample_pictures(fast, schedule, args, device, ckpt["epoch"], files, final=True)
-        return files
-    data = load_mnist(args.data_dir, True, device, args.limit)
-    steps_per_epoch = math.ceil(len(data[0]) / args.batch_size)
+        epoch = load_model(model, ema, ckpt_path, 2)
+        sample_pictures(fast if ema is None else ema.module, schedule, args, device, epoch, files, final=True)
+    else:
+        data = load_mnist(args.data_dir, True, device, args.limit)
+        steps_per_epoch = math.ceil(len(data[0]) / args.batch_size)
 
-    def on_epoch_end(epoch, losses):
-        path = os.path.join(args.out_dir, "part2_loss.png")
-        lr = f"lr {args.lr:g}" + (f" decaying to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
-        save_loss_plot(path, losses, f"Part 2 loss, D={args.hidden}, T={args.num_ts}, batch {args.batch_size}, {lr}",
-                       steps_per_epoch)
-        files.append(path)
-        if epoch in (1, 5, 10, 15, 20, args.epochs):
-            sample_pictures(fast, schedule, args, device, epoch, files, final=epoch == args.epochs)
+        def on_epoch_end(epoch, losses, net):
+            path = os.path.join(args.out_dir, "part2_loss.png")
+            lr = f"lr {args.lr:g}" + (f" decaying to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
+            save_loss_plot(path, losses, f"Part 2 {args.method} loss, D={args.hidden}, batch {args.batch_size}, "
+                           f"{lr}", steps_per_epoch)
+            files.append(path)
+            if epoch in (1, 5, 10, 15, 20, args.epochs):
+                sample_pictures(net, schedule, args, device, epoch, files, final=epoch == args.epochs)
 
-    train(args, model, fast, loss_fn, data, ckpt_path, on_epoch_end)
-    return files
+        train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
+    net = fast if ema is None else ema.module
+    return files + ([evaluate_part2(net, schedule, args, device)] if args.eval else [])
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -651,8 +874,8 @@ def sync(device: torch.device) -> None:
 def benchmark(args, device: torch.device) -> None:
     """Time --bench-steps training steps of the part's model on random data and, for Part 2, one 40-digit
     sampling pass; print name=value lines, the projected time of a full run last."""
-    model, fast, loss_fn, schedule = build(args, device)
-    opt, _ = make_optimizer(model, args)
+    model, fast, loss_fn, schedule, _ = build(args, device)
+    opt = make_optimizer(model, args)
     x = torch.rand(args.batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     t0 = time.time()
@@ -690,7 +913,8 @@ def main(argv=None) -> list:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
-          f"lr={args.lr:g} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
+          f"lr={args.lr:g} method={args.method} arch={args.arch} ema={args.ema} pm1={args.pm1} "
+          f"clip_x0={args.clip_x0} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
     if args.benchmark:
         benchmark(args, device)
         return []
@@ -698,9 +922,10 @@ def main(argv=None) -> list:
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
     if args.sample_only or (args.resume and os.path.exists(ckpt_path)):  # shape and schedule from the file
         saved = load_checkpoint(ckpt_path, args.part)["args"]
-        for k in ("hidden", "num_ts", "beta1", "beta2"):
-            setattr(args, k, saved[k])
-        args.sample_steps = min(args.sample_steps, args.num_ts)
+        for k in ("hidden", "num_ts", "beta1", "beta2", "arch", "method", "pm1"):
+            setattr(args, k, saved.get(k, getattr(args, k)))
+        args.ema = saved.get("ema") if args.ema is None else args.ema  # --ema 0 samples with the raw weights
+        args.sample_steps = min(args.sample_steps, args.num_ts) if args.method == "ddpm" else args.sample_steps
     t0 = time.time()
     try:
         files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)

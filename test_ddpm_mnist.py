@@ -1,5 +1,7 @@
 """Tests for ddpm_mnist.py. Run: python -m pytest -q (CPU only, no network, under a minute or two)."""
 
+import json
+import math
 import os
 import struct
 import subprocess
@@ -190,9 +192,9 @@ def test_guidance_extremes_and_batched_call():
     x, c = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 8])
     tt = torch.full((3,), 0.5)
     eps_c, eps_u = unet(x, c, tt, torch.ones(3)), unet(x, c, tt, torch.zeros(3))
-    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 0.0), eps_u, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 1.0), eps_c, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dm.guided_eps(unet, x, c, 15, 30, 5.0), eps_u + 5 * (eps_c - eps_u),
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 0.5, 0.0), eps_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 0.5, 1.0), eps_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dm.guided_eps(unet, x, c, 0.5, 5.0), eps_u + 5 * (eps_c - eps_u),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -205,11 +207,11 @@ def test_sampler_seeds_and_caches():
     x3, _ = dm.ddpm_sample(unet, c, (28, 28), s, T, 5.0, seed=8)
     assert torch.equal(x1, x2) and not torch.allclose(x1, x3)
     assert unet.training  # the sampler restores the mode it found
-    kept = [t for t in range(T, 0, -1) if t % 20 == 0 or t == T or t < 8]
-    assert kept == [30, 20, 7, 6, 5, 4, 3, 2, 1] and len(caches) == len(kept)
+    assert len(caches) == T  # T <= 30: every x_t, from x_T to x_1
     torch.testing.assert_close(caches[0], torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(7)))
     assert all(cache.shape == (2, 1, 28, 28) for cache in caches)
-    assert len(dm.ddpm_sample(unet, c, (28, 28), dm.ddpm_schedule(1e-4, 0.02, 300), 300, 5.0)[1]) == 22
+    assert [i for i in range(300) if dm.kept(i, 300)] == list(range(0, 300, 10))  # 30 evenly spaced of 300
+    assert len(dm.ddpm_sample(unet, c, (28, 28), dm.ddpm_schedule(1e-4, 0.02, 95), 95, 5.0)[1]) == 32  # i % 3 == 0
 
 
 def test_tiny_model_overfits_one_batch():
@@ -230,7 +232,8 @@ def test_tiny_model_overfits_one_batch():
 # --------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--sigma", "-1"], ["--p-uncond", "1.5"],
                                    ["--beta1", "0.02", "--beta2", "0.01"], ["--part", "3"], ["--batch-size", "0"],
-                                   ["--epochs", "x"], ["--no-such-flag"]])
+                                   ["--epochs", "x"], ["--no-such-flag"], ["--ema", "1.5"], ["--eval", "0"],
+                                   ["--gammas", "1,x"], ["--method", "sde"], ["--preset", "fast"]])
 def test_bad_flags_exit_2_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as e:
         dm.get_args(flags)
@@ -245,6 +248,16 @@ def test_part_defaults():
     assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale, a2.beta1, a2.beta2) == (20, 300, 0.1, 5.0, 1e-4, 0.02)
     assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
     assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
+    assert (a2.method, a2.arch, a2.ema, a2.pm1, a2.clip_x0, a2.eval, a2.gammas) == ("ddpm", "spec", None, False, False,
+                                                                                    None, [0, 1, 3, 5, 10])
+
+
+def test_preset_sets_defaults_and_flags_win():
+    best = dm.get_args(["--part", "2", "--preset", "best"])
+    assert all(getattr(best, k) == v for k, v in dm.PRESETS["best"].items()) and best.epochs == 20
+    mixed = dm.get_args(["--part", "2", "--preset", "best", "--arch", "spec", "--ema", "0.9"])
+    assert (mixed.arch, mixed.ema) == ("spec", 0.9)
+    assert dm.get_args(["--part", "2", "--ema"]).ema == dm.EMA_DECAY
 
 
 def test_cli_bad_flag_has_no_traceback():
@@ -307,11 +320,14 @@ def test_part2_end_to_end_and_sample_only(mnist_dir, tmp_path):
     for f in files:
         size = Image.open(f).size
         if "guidance" in f:
-            assert size == (cells(10) + 64, cells(12) + 30)
-        elif "samples" in f or f.endswith(".gif"):
+            assert size == (cells(10) + 64, cells(10) + 30)  # 2 rows for each of 5 gammas
+        elif "samples" in f:
             assert size == (cells(10), cells(4) + 30)
     gif = Image.open(tmp_path / "part2_sampling.gif")
-    assert gif.n_frames == len([t for t in range(10, 0, -1) if t % 20 == 0 or t == 10 or t < 8]) + 1
+    assert gif.size == (cells(10) * 2 // 3, (2 * (28 + dm.PAD) + dm.PAD) * 2 + 30)  # 2 rows at scale 2
+    assert gif.n_frames == 10 + 1  # x_T ... x_1 (T = 10), then the final digits
+    gif.seek(gif.n_frames - 1)
+    assert gif.info["duration"] == 2500  # the final digits are held
     before = os.path.getmtime(tmp_path / "part2.pt")
     out2 = tmp_path / "again"
     files = dm.main(tiny_flags(mnist_dir, out2, "--part", "2", "--sample-only", "--hidden", "99",
@@ -398,7 +414,7 @@ def test_sample_steps_dispatch():
 def test_amp_sampling_step_is_close_and_float32():
     unet = dm.ConditionalUNet(1, 10, 4).eval()
     x, c = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
-    exact, amp = dm.guided_eps(unet, x, c, 5, 10, 3.0), dm.guided_eps(unet, x, c, 5, 10, 3.0, amp=True)
+    exact, amp = dm.guided_eps(unet, x, c, 0.5, 3.0), dm.guided_eps(unet, x, c, 0.5, 3.0, amp=True)
     assert amp.dtype == torch.float32 and (amp - exact).abs().max() < 0.1 * exact.abs().max()
 
 
@@ -434,3 +450,156 @@ def test_interrupt_during_pictures_repeats_that_epoch_on_resume(mnist_dir, tmp_p
     files = dm.main(flags + ["--resume"])
     assert any(f.endswith("part1_denoised_epoch02.png") for f in files)
     assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- beyond the spec
+class FlowOracle(torch.nn.Module):
+    """A perfect velocity for one known x_1: v = (x_1 - x_t) / (1 - t), the straight line's slope."""
+
+    def __init__(self, x_1):
+        super().__init__()
+        self.x_1 = x_1
+
+    def forward(self, x, c, t, mask=None):
+        return (self.x_1.repeat(2, 1, 1, 1) - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+def test_flow_loss_is_zero_for_the_true_velocity(monkeypatch):
+    x_1, c = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    seen = {}
+
+    def unet(x_t, c, t, mask):
+        seen.update(t=t, mask=mask)
+        t4 = t.view(-1, 1, 1, 1)
+        x_0 = (x_t - t4 * x_1) / (1 - t4)  # invert x_t = (1 - t) x_0 + t x_1
+        return x_1 - x_0
+
+    assert dm.flow_forward(unet, x_1, c, 0.0).item() < 1e-8
+    assert seen["t"].shape == (4,) and 0 <= seen["t"].min() and seen["t"].max() < 1 and seen["mask"].eq(1).all()
+    dm.flow_forward(unet, x_1, c, 1.0)
+    assert seen["mask"].eq(0).all()
+
+
+def test_flow_sampler_follows_a_perfect_velocity_and_is_seeded():
+    x_1 = torch.rand(2, 1, 28, 28)
+    for steps in (1, 5, 40):
+        x, caches = dm.flow_sample(FlowOracle(x_1), torch.tensor([0, 1]), (28, 28), steps, 3.0, seed=2)
+        torch.testing.assert_close(x, x_1, atol=1e-4, rtol=1e-4)
+        assert len(caches) == [1, 5, 40][[1, 5, 40].index(steps)] and caches[0].shape == (2, 1, 28, 28)
+    unet = dm.ConditionalUNet(1, 10, 4)
+    a, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
+    b, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
+    assert torch.equal(a, b) and unet.training
+
+
+def test_clipped_ddpm_step_is_eq7_and_equals_the_spec_step_when_nothing_is_clipped():
+    unet = dm.ConditionalUNet(1, 10, 4).eval()
+    s, c = dm.ddpm_schedule(1e-4, 0.02, 15), torch.tensor([4, 7])
+    plain, _ = dm.ddpm_sample(unet, c, (28, 28), s, 15, 2.0, seed=1)
+    wide, _ = dm.ddpm_sample(unet, c, (28, 28), s, 15, 2.0, seed=1, clip=(-1e9, 1e9))
+    torch.testing.assert_close(wide, plain, atol=2e-3, rtol=1e-3)  # float32 rounding of two exact forms
+    clipped, _ = dm.ddpm_sample(unet, c, (28, 28), s, 15, 2.0, seed=1, clip=(0.0, 1.0))
+    assert not torch.allclose(clipped, plain)
+    x_0 = torch.rand(2, 1, 28, 28)
+    x, _ = dm.ddim_sample(Oracle(x_0, s, 15), c, (28, 28), s, 15, 5.0, seed=1, steps=5, clip=(0.0, 1.0))
+    torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)
+
+
+def test_pm1_trains_on_minus1_to_1_and_returns_pictures_in_0_1(monkeypatch):
+    a = sample_args(**{"sample-steps": 20})
+    a.pm1, a.amp = True, False
+    model, _, loss_fn, s, ema = dm.build(a, torch.device("cpu"))
+    seen = {}
+    monkeypatch.setattr(dm, "ddpm_forward", lambda unet, sch, x_0, *rest: seen.setdefault("x_0", x_0).sum())
+    loss_fn(model, torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1, 1), torch.zeros(3, dtype=torch.long))
+    assert seen["x_0"].flatten().tolist() == [-1.0, 0.0, 1.0] and ema is None
+    monkeypatch.setattr(dm, "ddpm_sample", lambda *args, **kw: (torch.full((1, 1, 28, 28), -1.0), [torch.ones(1)]))
+    x, caches = dm.sample(model, torch.tensor([0]), s, a, 5.0)
+    assert x.eq(0).all() and caches[0].eq(1).all()
+
+
+def test_residual_arch_has_the_spec_weights_and_adds_skips():
+    spec, res = dm.ConditionalUNet(1, 10, 4), dm.ConditionalUNet(1, 10, 4, residual=True)
+    assert spec.state_dict().keys() == res.state_dict().keys()
+    res.load_state_dict(spec.state_dict())
+    x, c, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.rand(2)
+    assert res(x, c, t).shape == (2, 1, 28, 28) and not torch.allclose(res(x, c, t), spec(x, c, t))
+    assert [m.residual for m in res.modules() if isinstance(m, dm.ConvBlock)] == [False, True, True, True, True, False]
+    block = dm.ConvBlock(4, 4, residual=True).eval()
+    y = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(block(y), y + torch.nn.Sequential(*block)(y))
+
+
+def test_ema_update_rule_includes_batchnorm_buffers():
+    a = sample_args(ema=0.9)
+    model, _, _, _, ema = dm.build(a, torch.device("cpu"))
+    snapshots = []
+    for _ in range(3):
+        model(torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), torch.rand(4))  # moves BN running stats
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(model)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    expect = lambda k: 0.9 * (0.9 * snapshots[0][k] + 0.1 * snapshots[1][k]) + 0.1 * snapshots[2][k]
+    for k in ("conv_in.0.0.weight", "fc1_c.2.bias", "down1.0.1.running_mean", "up2.1.1.1.running_var"):
+        torch.testing.assert_close(ema.module.state_dict()[k], expect(k))
+
+
+def test_ema_checkpoint_resume_and_sample_only(mnist_dir, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    flags = ["--part", "2", "--num-ts", "5", "--limit", "48", "--ema", "0.8"]
+    dm.main(tiny_flags(mnist_dir, full, *flags, "--epochs", "2"))
+    dm.main(tiny_flags(mnist_dir, split, *flags, "--epochs", "1"))
+    dm.main(tiny_flags(mnist_dir, split, *flags, "--epochs", "2", "--resume"))
+    a, b = (torch.load(d / "part2.pt", weights_only=True) for d in (full, split))
+    assert a["ema"]["n_averaged"].item() == 4 and a["args"]["ema"] == 0.8
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    ema_dir, raw_dir = tmp_path / "ema", tmp_path / "raw"
+    ckpt = ["--checkpoint", str(full / "part2.pt"), "--part", "2", "--sample-only", "--gammas", "5"]
+    dm.main(tiny_flags(mnist_dir, ema_dir, *ckpt))  # the checkpoint's EMA weights
+    dm.main(tiny_flags(mnist_dir, raw_dir, *ckpt, "--ema", "0"))  # the raw weights
+    pic = lambda d: Image.open(d / "part2_samples_epoch02.png").tobytes()
+    assert pic(ema_dir) == pic(full) and pic(raw_dir) != pic(full)
+
+
+def test_sample_only_with_ema_of_a_checkpoint_without_it(mnist_dir, tmp_path):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--limit", "32", "--epochs", "1"))
+    with pytest.raises(SystemExit, match="no EMA weights"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--ema"))
+
+
+def test_frechet_distance_closed_forms():
+    f = torch.randn(500, 6, dtype=torch.float64)
+    f = f - f.mean(0)
+    m = torch.arange(6.0, dtype=torch.float64)
+    assert abs(dm.frechet_distance(f, f)) < 1e-6
+    assert abs(dm.frechet_distance(f, f + m) - (m ** 2).sum().item()) < 1e-6  # same covariance: ||mu1 - mu2||^2
+    assert abs(dm.frechet_distance(f, 2 * f) - torch.cov(f.T).trace().item()) < 1e-6  # tr(S + 4S - 2 * 2S)
+
+
+def test_eval_part2_writes_a_table_and_json(mnist_dir, tmp_path, capsys):
+    files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--epochs", "1",
+                               "--eval", "2", "--gammas", "0,5", "--method", "flow", "--sample-steps", "3"))
+    assert str(tmp_path / "part2_eval.json") in files and os.path.exists(tmp_path / "classifier.pt")
+    report = json.load(open(tmp_path / "part2_eval.json"))
+    assert list(report["rows"]) == ["real", "gamma=0", "gamma=5"] and report["n_per_digit"] == 2
+    for r in report["rows"].values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["confidence"] <= 1 and r["frechet"] >= -1e-6
+        assert len(r["per_digit"]) == 10
+    out = capsys.readouterr().out
+    assert "accuracy per digit" in out and "gamma=5" in out and "eval classifier: 1 epoch" in out
+    (tmp_path / "classifier.pt").write_bytes(b"broken")  # a damaged cache is replaced, not fatal
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--eval", "1", "--gammas", "5"))
+    assert "unreadable" in capsys.readouterr().out
+    assert list(json.load(open(tmp_path / "part2_eval.json"))["rows"]) == ["real", "gamma=5"]
+
+
+def test_eval_part1_psnr_per_sigma(mnist_dir, tmp_path, capsys):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32", "--eval"))
+    rows = json.load(open(tmp_path / "part1_eval.json"))["rows"]
+    assert list(rows) == [f"sigma={s:g}" for s in dm.SIGMAS]
+    assert rows["sigma=0"]["psnr_noisy"] is None
+    assert abs(rows["sigma=0.5"]["psnr_noisy"] - 10 * math.log10(1 / 0.25)) < 0.2  # noisy MSE is about sigma^2
+    assert "PSNR denoised" in capsys.readouterr().out
