@@ -67,8 +67,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance on MNIST.")
     g = p.add_argument_group("run")
     g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
-    g.add_argument("--preset", choices=list(PRESETS), default="spec", help="spec: the course's model; best: "
-                   f"{' '.join(f'--{k}={v}' for k, v in PRESETS['best'].items())}; flags given win (default: spec)")
+    best = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PRESETS["best"].items())
+    g.add_argument("--preset", choices=list(PRESETS), default="spec", help=f"spec: the course's model; best: {best}, "
+                   "the combination that measured best (README); flags given still win (default: spec)")
     g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: 5 for part 1, 20 for part 2)")
     g.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 256 for part 1, 128 for part 2)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2)")
@@ -439,8 +440,9 @@ def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t_norm: floa
 
 
 def kept(i: int, steps: int) -> bool:
-    """Whether step i of steps is one of the about 30 evenly spaced x_t that caches keep."""
-    return i % max(1, steps // 30) == 0
+    """Whether caches keep x before step i of steps: all of 30 or fewer, else about 30, denser towards
+    the end, where the digits take shape."""
+    return steps <= 30 or i in {steps - 1 - round((steps - 1) * (k / 29) ** 2) for k in range(30)}
 
 
 @torch.no_grad()
@@ -449,7 +451,7 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
 
     The noise comes from a generator on c's device, seeded with `seed` for x_T and shifted by 1 at
-    each step. caches holds x_T and every (T // 30)-th x_t after it. clip=(lo, hi) clips the predicted
+    each step. caches holds x_T and about 30 x_t after it (see kept). clip=(lo, hi) clips the predicted
     x_0 (eq. 15 of the paper) and steps to the posterior mean of eq. 7 from it; None is the spec's update.
     """
     was_training = unet.training
@@ -564,15 +566,15 @@ def build(args, device: torch.device):
     if args.part == 1:
         model = UnconditionalUNet(1, args.hidden, residual).to(device, memory_format=fmt)
         loss_fn = lambda fast, x, y: part1_loss(fast, x, args.sigma)
-    elif args.method == "flow":
-        model = ConditionalUNet(1, 10, args.hidden, residual).to(device, memory_format=fmt)
-        loss_fn = lambda fast, x, y: flow_forward(fast, 2 * x - 1 if args.pm1 else x, y, args.p_uncond)
     else:
         model = ConditionalUNet(1, 10, args.hidden, residual).to(device, memory_format=fmt)
-        schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-        loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, 2 * x - 1 if args.pm1 else x, y, args.p_uncond,
-                                                  args.num_ts)  # --pm1: [0, 1] -> [-1, 1]
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+        scaled = lambda x: 2 * x - 1 if args.pm1 else x  # --pm1: [0, 1] -> [-1, 1]
+        if args.method == "flow":
+            loss_fn = lambda fast, x, y: flow_forward(fast, scaled(x), y, args.p_uncond)
+        else:
+            schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
+            loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, scaled(x), y, args.p_uncond, args.num_ts)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None  # weights only
     return model, torch.compile(model, mode=args.compile) if args.compile else model, loss_fn, schedule, ema
 
 
@@ -585,6 +587,25 @@ def load_model(model: nn.Module, ema, path: str, part: int) -> int:
             sys.exit(f"error: {path} holds no EMA weights (drop --ema, or pass --ema 0)")
         load_weights(ema, ckpt["ema"], path)
     return ckpt["epoch"]
+
+
+@torch.no_grad()
+def update_bn(net: nn.Module, loss_fn, data, batch_size: int, num_batches: int = 32) -> None:
+    """Re-estimate the BatchNorm statistics of averaged weights on training batches, as swa_utils.update_bn
+    does (which cannot feed this UNet's inputs): averaged running statistics do not fit averaged weights.
+    It draws from a fork of the RNG, so the raw weights of a run are the same with or without --ema."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    was_training, (x, y) = net.training, data
+    net.train()
+    with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
+        for idx in batches(len(x), batch_size, x.device)[:num_batches]:  # the training run's RNG is left as it was
+            loss_fn(net, x[idx], y[idx])
+    for m in bns:
+        m.momentum = 0.1
+    net.train(was_training)
 
 
 def make_optimizer(model: nn.Module, args) -> torch.optim.Adam:
@@ -631,7 +652,7 @@ def train(args, model: nn.Module, fast, loss_fn, ema, data, ckpt_path: str, on_e
         for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
             epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx], args.amp))
             if ema is not None:
-                ema.update_parameters(model)  # W_ema <- decay W_ema + (1 - decay) W, BatchNorm buffers too
+                ema.update_parameters(model)  # W_ema <- decay W_ema + (1 - decay) W
             done += len(idx)
             if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
                 t_last, rate = time.time(), done / (time.time() - t_start - t_other)
@@ -640,6 +661,8 @@ def train(args, model: nn.Module, fast, loss_fn, ema, data, ckpt_path: str, on_e
                       f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
         t_other -= time.time()
         losses += torch.stack(epoch_losses).float().tolist()
+        if ema is not None:
+            update_bn(ema.module, loss_fn, data, args.batch_size)
         on_epoch_end(epoch, losses, fast if ema is None else ema.module)  # pictures first: an interrupt during
         extra = {} if ema is None else {"ema": ema.state_dict()}  # them repeats this epoch on --resume
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, args=vars(args),
@@ -909,9 +932,15 @@ def main(argv=None) -> list:
     """Run one part with the given flags (a list, as on the command line); return the files written."""
     args = get_args(argv)
     device = get_device(args.device)
-    args.sample_steps = args.sample_steps or args.num_ts
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
+    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
+    if not args.benchmark and (args.sample_only or (args.resume and os.path.exists(ckpt_path))):
+        saved = load_checkpoint(ckpt_path, args.part)["args"]  # the model and schedule of the file
+        for k in ("hidden", "num_ts", "beta1", "beta2", "arch", "method", "pm1"):
+            setattr(args, k, saved.get(k, getattr(args, k)))
+        args.ema = saved.get("ema") if args.ema is None else args.ema  # --ema 0 samples with the raw weights
+    args.sample_steps = min(args.sample_steps or args.num_ts, args.num_ts if args.method == "ddpm" else 10 ** 9)
     print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
           f"lr={args.lr:g} method={args.method} arch={args.arch} ema={args.ema} pm1={args.pm1} "
           f"clip_x0={args.clip_x0} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
@@ -919,13 +948,6 @@ def main(argv=None) -> list:
         benchmark(args, device)
         return []
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
-    if args.sample_only or (args.resume and os.path.exists(ckpt_path)):  # shape and schedule from the file
-        saved = load_checkpoint(ckpt_path, args.part)["args"]
-        for k in ("hidden", "num_ts", "beta1", "beta2", "arch", "method", "pm1"):
-            setattr(args, k, saved.get(k, getattr(args, k)))
-        args.ema = saved.get("ema") if args.ema is None else args.ema  # --ema 0 samples with the raw weights
-        args.sample_steps = min(args.sample_steps, args.num_ts) if args.method == "ddpm" else args.sample_steps
     t0 = time.time()
     try:
         files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
