@@ -261,7 +261,7 @@ def test_preset_sets_defaults_and_flags_win():
     assert all(getattr(best, k) == v for k, v in dm.PRESETS["best"].items()) and best.epochs == 20
     mixed = dm.get_args(["--part", "2", "--preset", "best", "--arch", "spec", "--ema", "0.9"])
     assert (mixed.arch, mixed.ema) == ("spec", 0.9)
-    assert dm.get_args(["--part", "2", "--ema"]).ema == dm.EMA_DECAY
+    assert dm.get_args(["--part", "2", "--ema"]).ema == dm.EMA_DECAY == 0.995
 
 
 def test_cli_bad_flag_has_no_traceback():
