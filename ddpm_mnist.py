@@ -134,8 +134,8 @@ def get_args(argv=None) -> argparse.Namespace:
               (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
               (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
               (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
-              (args.sample_steps is not None and not 1 <= args.sample_steps <= (
-                  args.num_ts if args.method == "ddpm" else 10 ** 6), "need 1 <= --sample-steps <= --num-ts"),
+              (args.sample_steps is not None and args.sample_steps < 1, "--sample-steps must be >= 1"),
+              (args.method == "ddpm" and (args.sample_steps or 0) > args.num_ts, "need --sample-steps <= --num-ts"),
               (args.compile not in (None, "default", "reduce-overhead", "max-autotune"), "unknown --compile mode"),
               (args.bench_steps < 1, "--bench-steps must be >= 1")]
     for bad, msg in checks:
@@ -440,10 +440,10 @@ def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t_norm: floa
     return eps_u + gamma * (eps_c - eps_u)
 
 
-def kept(i: int, steps: int) -> bool:
-    """Whether caches keep x before step i of steps: all of 30 or fewer, else about 30, denser towards
-    the end, where the digits take shape."""
-    return steps <= 30 or i in {steps - 1 - round((steps - 1) * (k / 29) ** 2) for k in range(30)}
+def cached_steps(steps: int) -> set:
+    """The steps i (of 0..steps-1) before which caches keep x: all of 30 or fewer, else about 30, denser
+    towards the end, where the digits take shape."""
+    return set(range(steps)) if steps <= 30 else {steps - 1 - round((steps - 1) * (k / 29) ** 2) for k in range(30)}
 
 
 @torch.no_grad()
@@ -452,7 +452,7 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
 
     The noise comes from a generator on c's device, seeded with `seed` for x_T and shifted by 1 at
-    each step. caches holds x_T and about 30 x_t after it (see kept). clip=(lo, hi) clips the predicted
+    each step. caches holds x_T and about 30 x_t after it (see cached_steps). clip=(lo, hi) clips the predicted
     x_0 (eq. 15 of the paper) and steps to the posterior mean of eq. 7 from it; None is the spec's update.
     """
     was_training = unet.training
@@ -461,9 +461,9 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     s = {k: v.tolist() for k, v in schedule.items()}  # python floats: no device sync in the loop
     g = torch.Generator(dev).manual_seed(seed)
     x = torch.randn(shape, generator=g, device=dev)  # x_T ~ N(0, I)
-    caches = []
+    caches, keep = [], cached_steps(num_ts)
     for t in range(num_ts, 0, -1):
-        if kept(num_ts - t, num_ts):
+        if num_ts - t in keep:
             caches.append(x)
         g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
         z = torch.randn(shape, generator=g, device=dev) if t > 1 else torch.zeros_like(x)
@@ -493,9 +493,9 @@ def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
     ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T, ..., 1
     g = torch.Generator(c.device).manual_seed(seed)
     x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_T ~ N(0, I), as in ddpm_sample
-    caches = []
+    caches, keep = [], cached_steps(len(ts))
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
-        if kept(i, len(ts)):
+        if i in keep:
             caches.append(x)
         eps = guided_eps(unet, x, c, t / num_ts, guidance_scale, amp)
         abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
@@ -520,9 +520,9 @@ def flow_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, steps: int, gui
     unet.eval()
     g = torch.Generator(c.device).manual_seed(seed)
     x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_0 ~ N(0, I)
-    caches = []
+    caches, keep = [], cached_steps(steps)
     for i in range(steps):
-        if kept(i, steps):
+        if i in keep:
             caches.append(x)
         t = i / steps
         v = guided_eps(unet, x, c, t, guidance_scale, amp)
@@ -708,10 +708,23 @@ def get_classifier(args, device: torch.device) -> Classifier:
         opt.step()
     test_x, test_y = load_mnist(args.data_dir, False, device)
     with torch.no_grad():
-        acc = (torch.cat([clf.eval()(b) for b in test_x.split(1000)]).argmax(1) == test_y).float().mean().item()
+        acc = (clf.eval().head(features(clf, test_x)).argmax(1) == test_y).float().mean().item()
     print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}; saved to {path}")
     torch.save(clf.state_dict(), path)
     return clf
+
+
+@torch.no_grad()
+def features(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's (N, 64) features of images (N, 1, 28, 28), in chunks of 1000."""
+    return torch.cat([clf.features(b) for b in x.split(1000)])
+
+
+def write_json(path: str, **data) -> str:
+    """Write data as indented JSON; return the path."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
@@ -727,7 +740,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 @torch.no_grad()
 def judge(clf: Classifier, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict:
     """The classifier's verdict on images x (N, 1, 28, 28) meant to be digits c (N,); ref: reference features."""
-    f = torch.cat([clf.features(b) for b in x.clamp(0, 1).split(1000)])  # (N, 64)
+    f = features(clf, x.clamp(0, 1))  # (N, 64)
     p = F.softmax(clf.head(f), 1)  # (N, 10)
     hit = (p.argmax(1) == c).float()
     return dict(accuracy=hit.mean().item(), confidence=p[torch.arange(len(c)), c].mean().item(),
@@ -738,8 +751,7 @@ def evaluate_part2(net, schedule: dict, args, device: torch.device) -> str:
     """--eval N: judge N samples per digit at each of --gammas, beside N real test digits per digit."""
     clf = get_classifier(args, device)
     test_x, test_y = load_mnist(args.data_dir, False, device)
-    with torch.no_grad():
-        ref = torch.cat([clf.features(b) for b in test_x.split(1000)])  # (10000, 64): the test set's features
+    ref = features(clf, test_x)  # (10000, 64): the test set's features
     real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N test digits of each class
     rows = {"real": judge(clf, test_x[real], test_y[real], ref)}
     c = torch.arange(10, device=device).repeat(args.eval)  # (10 N,)
@@ -751,10 +763,7 @@ def evaluate_part2(net, schedule: dict, args, device: torch.device) -> str:
     for name, r in rows.items():
         print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | {r['frechet']:7.2f} | "
               + " ".join(f"{v:.0%}" for v in r["per_digit"]))
-    path = os.path.join(args.out_dir, "part2_eval.json")
-    with open(path, "w") as f:
-        json.dump(dict(n_per_digit=args.eval, args=vars(args), rows=rows), f, indent=1)
-    return path
+    return write_json(os.path.join(args.out_dir, "part2_eval.json"), n_per_digit=args.eval, args=vars(args), rows=rows)
 
 
 # --------------------------------------------------------------------------- part 1
@@ -802,10 +811,7 @@ def evaluate_part1(net, test_x: torch.Tensor, args) -> str:
     print("   sigma | PSNR denoised | PSNR noisy input")
     for name, r in rows.items():
         print(f"{name[6:]:>8} | {r['psnr']:10.2f} dB | " + (f"{r['psnr_noisy']:.2f} dB" if r["psnr_noisy"] else "-"))
-    path = os.path.join(args.out_dir, "part1_eval.json")
-    with open(path, "w") as f:
-        json.dump(dict(trained_sigma=args.sigma, args=vars(args), rows=rows), f, indent=1)
-    return path
+    return write_json(os.path.join(args.out_dir, "part1_eval.json"), trained_sigma=args.sigma, args=vars(args), rows=rows)
 
 
 def run_part1(args, device: torch.device, ckpt_path: str) -> list:
@@ -817,9 +823,10 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
     noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
     save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
     model, fast, loss_fn, _, ema = build(args, device)
+    net = fast if ema is None else ema.module  # what pictures and --eval use
     if args.sample_only:
         epoch = load_model(model, ema, ckpt_path, 1)
-        denoise_pictures(fast if ema is None else ema.module, test_x, args, files, epoch, final=True)
+        denoise_pictures(net, test_x, args, files, epoch, final=True)
     else:
         data = load_mnist(args.data_dir, True, device, args.limit)
 
@@ -832,7 +839,6 @@ def run_part1(args, device: torch.device, ckpt_path: str) -> list:
             files.append(path)
 
         train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
-    net = fast if ema is None else ema.module
     mse, mse_noisy = denoiser_mse(net, test_x, args.sigma, args.seed, args.amp)
     print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
     return files + ([evaluate_part1(net, test_x, args)] if args.eval else [])
@@ -866,10 +872,10 @@ def sample_pictures(net, schedule: dict, args, device: torch.device, epoch: int,
 def run_part2(args, device: torch.device, ckpt_path: str) -> list:
     """Train the class-conditioned DDPM or flow (or load it) and write Part 2's pictures."""
     model, fast, loss_fn, schedule, ema = build(args, device)
-    files = []
+    net, files = fast if ema is None else ema.module, []  # net: what pictures and --eval use
     if args.sample_only:
         epoch = load_model(model, ema, ckpt_path, 2)
-        sample_pictures(fast if ema is None else ema.module, schedule, args, device, epoch, files, final=True)
+        sample_pictures(net, schedule, args, device, epoch, files, final=True)
     else:
         data = load_mnist(args.data_dir, True, device, args.limit)
         steps_per_epoch = math.ceil(len(data[0]) / args.batch_size)
@@ -884,7 +890,6 @@ def run_part2(args, device: torch.device, ckpt_path: str) -> list:
                 sample_pictures(net, schedule, args, device, epoch, files, final=epoch == args.epochs)
 
         train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
-    net = fast if ema is None else ema.module
     return files + ([evaluate_part2(net, schedule, args, device)] if args.eval else [])
 
 
@@ -941,7 +946,9 @@ def main(argv=None) -> list:
         for k in ("hidden", "num_ts", "beta1", "beta2", "arch", "method", "pm1"):
             setattr(args, k, saved.get(k, getattr(args, k)))
         args.ema = saved.get("ema") if args.ema is None else args.ema  # --ema 0 samples with the raw weights
-    args.sample_steps = min(args.sample_steps or args.num_ts, args.num_ts if args.method == "ddpm" else 10 ** 9)
+    args.sample_steps = args.sample_steps or args.num_ts
+    if args.method == "ddpm":
+        args.sample_steps = min(args.sample_steps, args.num_ts)  # a checkpoint's T may be smaller
     print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
           f"lr={args.lr:g} method={args.method} arch={args.arch} ema={args.ema} pm1={args.pm1} "
           f"clip_x0={args.clip_x0} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
