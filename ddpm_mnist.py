@@ -1,31 +1,23 @@
 """ddpm_mnist.py: diffusion models from scratch on MNIST, in one file.
 
-Part 1 trains a UNet to denoise digits in a single step (z = x + sigma * eps -> x).
-Part 2 trains a class-conditioned DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) whose
-UNet predicts the noise eps from (x_t, t, c), and samples digits of a chosen class with
-classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
+Part 1 trains a UNet to denoise a digit in one step (z = x + sigma * eps -> x). Part 2 trains a
+class-conditioned DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) that predicts the noise
+in x_t from (x_t, t, c) and samples digits of a chosen class with classifier-free guidance (Ho &
+Salimans 2022, https://arxiv.org/abs/2207.12598). Beyond the spec, behind flags: a strided sampler,
+rectified flow, an EMA of the weights, x0 clipping, and --eval, a number for sample quality.
 
     pip install -r requirements.txt
-    python ddpm_mnist.py --part 1                 # single-step denoiser, 5 epochs
+    python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
-Beyond the spec, each behind a flag: rectified flow (--method flow), a residual UNet (--arch res),
-an EMA of the weights (--ema), data in [-1, 1] (--pm1), clipped x0 while sampling (--clip-x0), a
-quality number (--eval: a small MNIST classifier's accuracy and a Frechet distance in its feature
-space), and --preset best (constant lr + EMA + x0 clipping), the combination with the lowest Frechet
-distance at a small budget (README).
-
-In a notebook, paste this file into a cell, then call main(["--part", "2"]).
-Everything a run writes (PNG grids, loss curves, a GIF, checkpoints) goes under --out-dir.
-MNIST is downloaded into --data-dir when missing.
-
-Time and result with the defaults on one NVIDIA H200: Part 1 in about 25 s (test MSE 0.008 at
-sigma 0.5, against 0.25 for the noisy input), Part 2 in about 2 minutes (all 40 digits of the
-final grid of the requested class). A CPU is far slower: try --hidden 32 --epochs 2 first.
-README.md has the measured figures and pictures.
+In a notebook, paste this file into a cell and run main(["--part", "2"]): pictures show inline.
+With the defaults on one NVIDIA H200, Part 1 takes about 25 s (test MSE 0.008 at sigma 0.5, against
+0.25 for the noisy input) and Part 2 about 2 minutes (every digit of the final grid of the requested
+class). On a CPU, try --hidden 32 --epochs 2 first (about 20 minutes on 2 cores).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,189 +33,256 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-# --------------------------------------------------------------------------- flags
-SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # noise levels of Part 1's pictures
-DEFAULTS = {  # part-specific defaults, used when a flag is not given
-    1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),
-    2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),  # chosen by measured comparisons, see README
-}
-EMA_DECAY = 0.995  # --ema without a value: an average over about the last 200 steps (measured, README)
-PRESETS = {"spec": {}, "best": dict(lr_decay=1.0, ema=EMA_DECAY, clip_x0=True)}  # the lowest Frechet distance, README
+
+# --------------------------------------------------------------------------- Part 1: the UNet
+class Conv(nn.Sequential):  # (Din, H, W) -> (Dout, H, W)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+class DownConv(nn.Sequential):  # (Din, H, W) -> (Dout, H/2, W/2)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+class UpConv(nn.Sequential):  # (Din, H, W) -> (Dout, 2H, 2W)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+
+class Flatten(nn.Sequential):  # (D, 7, 7) -> (D, 1, 1)
+    def __init__(self):
+        super().__init__(nn.AvgPool2d(7), nn.GELU())
+
+class Unflatten(nn.Sequential):  # (D, 1, 1) -> (D, 7, 7)
+    def __init__(self, c: int):
+        super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
+
+class ConvBlock(nn.Sequential):  # Conv -> Conv: (Din, H, W) -> (Dout, H, W)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(Conv(cin, cout), Conv(cout, cout))
+
+class DownBlock(nn.Sequential):  # DownConv -> ConvBlock: (Din, H, W) -> (Dout, H/2, W/2)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
+
+class UpBlock(nn.Sequential):  # UpConv -> ConvBlock: (Din, H, W) -> (Dout, 2H, 2W)
+    def __init__(self, cin: int, cout: int):
+        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
+
+class UnconditionalUNet(nn.Module):
+    """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
+
+    def __init__(self, in_channels: int = 1, num_hiddens: int = 128):
+        super().__init__()
+        D = num_hiddens
+        self.conv_in, self.down1 = ConvBlock(in_channels, D), DownBlock(D, D)
+        self.down2, self.flatten, self.unflatten = DownBlock(D, 2 * D), Flatten(), Unflatten(2 * D)
+        self.up1, self.up2 = UpBlock(4 * D, D), UpBlock(2 * D, D)
+        self.conv_out, self.head = ConvBlock(2 * D, D), nn.Conv2d(D, in_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor, film1=None, film2=None) -> torch.Tensor:
+        """film = (scale, shift), each (N, F): Part 2 modulates u0 and u1 as scale * u + shift."""
+        e0 = self.conv_in(x)  # (N, D, 28, 28)
+        e1 = self.down1(e0)  # (N, D, 14, 14)
+        e2 = self.down2(e1)  # (N, 2D, 7, 7)
+        u0 = self.unflatten(self.flatten(e2))  # (N, 2D, 1, 1) -> (N, 2D, 7, 7)
+        if film1 is not None:
+            u0 = film1[0][:, :, None, None] * u0 + film1[1][:, :, None, None]  # (N, 2D, 1, 1)
+        u1 = self.up1(torch.cat([e2, u0], 1))  # (N, 4D, 7, 7) -> (N, D, 14, 14)
+        if film2 is not None:
+            u1 = film2[0][:, :, None, None] * u1 + film2[1][:, :, None, None]  # (N, D, 1, 1)
+        u2 = self.up2(torch.cat([e1, u1], 1))  # (N, 2D, 14, 14) -> (N, D, 28, 28)
+        return self.head(self.conv_out(torch.cat([e0, u2], 1)))  # (N, 2D, ...) -> (N, 1, 28, 28)
+
+def denoise_loss(unet: nn.Module, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
+    return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit code 2)."""
+# --------------------------------------------------------------------------- Part 2: DDPM and CFG
+class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
+    def __init__(self, fin: int, fout: int):
+        super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+class ConditionalUNet(UnconditionalUNet):
+    """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
 
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128):
+        super().__init__(in_channels, num_hiddens)
+        D, self.num_classes = num_hiddens, num_classes
+        self.fc1_t, self.fc1_c = FCBlock(1, 2 * D), FCBlock(num_classes, 2 * D)
+        self.fc2_t, self.fc2_c = FCBlock(1, D), FCBlock(num_classes, D)
 
-def floats(text: str) -> list:
-    """'0,1,3' -> [0.0, 1.0, 3.0]."""
-    return [float(v) for v in text.split(",")]
+    def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
+        """x (N, 1, 28, 28); c (N,) labels; t (N,) in [0, 1]; mask (N,): 1 keeps c, 0 drops it."""
+        c = F.one_hot(c, self.num_classes).to(x.dtype)  # (N, 10)
+        if mask is not None:  # None keeps every class
+            c = c * mask.to(x.dtype)[:, None]  # (N, 10): rows with mask 0 become the zero vector
+        t = t.to(x.dtype)[:, None]  # (N, 1)
+        return super().forward(x, (self.fc1_c(c), self.fc1_t(t)), (self.fc2_c(c), self.fc2_t(t)))
 
+def ddpm_schedule(beta1: float, beta2: float, num_ts: int) -> dict:
+    """Linear DDPM schedule; index i of every tensor holds timestep t = i + 1 (t = 1..T)."""
+    assert 0 < beta1 < beta2 < 1, "need 0 < beta1 < beta2 < 1"
+    betas = torch.linspace(beta1, beta2, num_ts, dtype=torch.float64)  # beta_t
+    alphas = 1 - betas  # alpha_t = 1 - beta_t
+    alpha_bars = torch.cumprod(alphas, 0)  # abar_t = prod_{s<=t} alpha_s
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # abar_0 = 1
+    beta_tildes = (1 - abar_prev) / (1 - alpha_bars) * betas  # eq. 7; 0 at t = 1
+    s = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars, beta_tildes=beta_tildes)
+    return {k: v.float() for k, v in s.items()}
 
-def get_args(argv=None) -> argparse.Namespace:
-    """Parse flags; argv=None reads sys.argv, a list makes main() callable from a notebook."""
-    p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance on MNIST.")
-    g = p.add_argument_group("run")
-    g.add_argument("--part", type=int, default=1, choices=[1, 2], help="1: one-step denoiser, 2: DDPM (default: 1)")
-    best = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PRESETS["best"].items())
-    g.add_argument("--preset", choices=list(PRESETS), default="spec", help=f"spec: the course's model; best: {best}, "
-                   "the combination that measured best (README); flags given still win (default: spec)")
-    g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: 5 for part 1, 20 for part 2)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 256 for part 1, 128 for part 2)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 for part 1, 1e-3 for part 2)")
-    g.add_argument("--lr-decay", type=float, metavar="F", help="the lr decays exponentially to F times --lr "
-                   "over the run (default: 1, a constant lr, for part 1; 0.1 for part 2)")
-    g.add_argument("--hidden", type=int, default=128, metavar="D", help="UNet width D (default: 128)")
-    g.add_argument("--arch", choices=["spec", "res"], default="spec", help="spec: the course's UNet; res: the same "
-                   "weights with a residual connection around each ConvBlock (default: spec)")
-    g.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, metavar="DECAY", help="keep an exponential "
-                   f"moving average of the weights, used for pictures (default: off; DECAY {EMA_DECAY} if not given)")
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
-    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto: cuda, then mps, then cpu)")
-    g.add_argument("--data-dir", default="data", metavar="DIR", help="root of torchvision's MNIST (default: data)")
-    g.add_argument("--out-dir", default="out", metavar="DIR", help="where pictures and checkpoints go (default: out)")
-    g.add_argument("--limit", type=int, metavar="N", help="train on the first N training images (default: all)")
-    g.add_argument("--eval", type=int, nargs="?", const=20, metavar="N", help="score the final model: Part 1 PSNR "
-                   "per sigma; Part 2 a small classifier's verdict on N samples per digit (default: off; N 20)")
-    g = p.add_argument_group("part 1")
-    g.add_argument("--sigma", type=float, default=0.5, help="training noise level (default: 0.5)")
-    g = p.add_argument_group("part 2")
-    g.add_argument("--method", choices=["ddpm", "flow"], default="ddpm", help="ddpm: predict eps (the spec); flow: "
-                   "rectified flow, predict the velocity (default: ddpm)")
-    g.add_argument("--num-ts", type=int, default=300, metavar="T", help="diffusion steps T (default: 300)")
-    g.add_argument("--beta1", type=float, default=1e-4, help="first beta of the linear schedule (default: 1e-4)")
-    g.add_argument("--beta2", type=float, default=0.02, help="last beta of the linear schedule (default: 0.02)")
-    g.add_argument("--p-uncond", type=float, default=0.1, metavar="P", help="class dropout probability (default: 0.1)")
-    g.add_argument("--pm1", action="store_true", help="diffuse the data scaled to [-1, 1]; pictures stay in [0, 1] "
-                   "(default: off, data in [0, 1] as in the spec)")
-    g = p.add_argument_group("checkpoints and sampling")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint (default: off)")
-    g.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (default: OUT_DIR/partN.pt)")
-    g.add_argument("--sample-only", action="store_true", help="write the final pictures from the checkpoint "
-                   "without training (default: off)")
-    g.add_argument("--guidance-scale", type=float, default=5.0, metavar="G", help="CFG scale gamma (default: 5)")
-    g.add_argument("--gammas", type=floats, default=[0.0, 1.0, 3.0, 5.0, 10.0], metavar="G,G",
-                   help="guidance scales of the final sweep picture and of --eval (default: 0,1,3,5,10)")
-    g.add_argument("--sample-steps", type=int, metavar="K", help="sampling steps: for ddpm K = T is the spec's "
-                   "ancestral sampler, K < T the strided deterministic one; for flow K Euler steps (default: T)")
-    g.add_argument("--clip-x0", action="store_true", help="clip the predicted clean image to the data range at "
-                   "each sampling step (default: off)")
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast; slower for this small UNet on an H200 and "
-                   "on CPUs without AMX, see README (default: off)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (default: on)")
-    g.add_argument("--compile", nargs="?", const="default", metavar="MODE", help="torch.compile the UNet; MODE is "
-                   "default, reduce-overhead (CUDA graphs) or max-autotune (default: off)")
-    g.add_argument("--benchmark", action="store_true", help="time training and sampling on random data, print "
-                   "name=value lines and the projected run time, then exit (default: off)")
-    g.add_argument("--bench-steps", type=int, default=20, metavar="N", help="steps the benchmark times (default: 20)")
-    argv = [] if argv is None and "ipykernel" in sys.modules else argv
-    args = p.parse_args(argv)
-    p.set_defaults(**{**DEFAULTS[args.part], **PRESETS[args.preset]})  # flags on the command line still win
-    args = p.parse_args(argv)
-    checks = [(args.epochs < 1, "--epochs must be >= 1"), (args.batch_size < 1, "--batch-size must be >= 1"),
-              (args.lr <= 0, "--lr must be > 0"), (not 0 < args.lr_decay <= 1, "--lr-decay must be in (0, 1]"),
-              (args.hidden < 1, "--hidden must be >= 1"), (args.limit is not None and args.limit < 1,
-                                                             "--limit must be >= 1"),
-              (args.ema is not None and not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
-              (args.eval is not None and args.eval < 1, "--eval must be >= 1"),
-              (args.sigma < 0, "--sigma must be >= 0"), (args.num_ts < 1, "--num-ts must be >= 1"),
-              (not 0 < args.beta1 < args.beta2 < 1, "need 0 < --beta1 < --beta2 < 1"),
-              (not 0 <= args.p_uncond <= 1, "--p-uncond must be in [0, 1]"),
-              (args.sample_steps is not None and args.sample_steps < 1, "--sample-steps must be >= 1"),
-              (args.method == "ddpm" and (args.sample_steps or 0) > args.num_ts, "need --sample-steps <= --num-ts"),
-              (args.compile not in (None, "default", "reduce-overhead", "max-autotune"), "unknown --compile mode"),
-              (args.bench_steps < 1, "--bench-steps must be >= 1")]
-    for bad, msg in checks:
-        if bad:
-            p.error(msg)
-    return args
+def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Tensor,
+                 p_uncond: float, num_ts: int) -> torch.Tensor:
+    """Algorithm 1: the loss ||eps - eps_theta(x_t, t/T, c)||^2 of x_0 (N, 1, 28, 28), c (N,)."""
+    t = torch.randint(1, num_ts + 1, (len(c),), device=c.device)  # t ~ U{1, ..., T}
+    eps = torch.randn_like(x_0)  # eps ~ N(0, I)
+    abar = schedule["alpha_bars"][t - 1].view(-1, 1, 1, 1)  # (N, 1, 1, 1): over the pixels
+    x_t = abar.sqrt() * x_0 + (1 - abar).sqrt() * eps  # eq. 4
+    mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
+    return F.mse_loss(unet(x_t, c, t / num_ts, mask), eps)
+
+@torch.no_grad()
+def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: float, gamma: float):
+    """CFG: eps_u + gamma (eps_c - eps_u) at t in [0, 1], both from one UNet call on 2N samples."""
+    n, dev = len(c), c.device
+    mask = torch.cat([torch.ones(n, device=dev), torch.zeros(n, device=dev)])  # (2N,): c, then none
+    torch.compiler.cudagraph_mark_step_begin()  # --compile: a new call's CUDA graphs
+    eps = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), torch.full((2 * n,), t, device=dev), mask)
+    eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
+    return eps_u + gamma * (eps_c - eps_u)
+
+def cached(t: int, num_ts: int) -> bool:
+    """The spec's rule for the x_t that a sampler keeps: 22 of T = 300, 9 of T = 30."""
+    return t % 20 == 0 or t == num_ts or t < 8
+
+@contextlib.contextmanager
+def sampling(unet: nn.Module, c: torch.Tensor, img_wh: tuple, seed: int):
+    """A sampler's frame: eval mode, no gradients; yields a seeded generator and x_T ~ N(0, I)."""
+    was_training, g = unet.training, torch.Generator(c.device).manual_seed(seed)
+    unet.eval()
+    with torch.no_grad():
+        yield g, torch.randn((len(c), 1, *img_wh), generator=g, device=c.device)  # (N, 1, H, W)
+    unet.train(was_training)
+
+def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
+                guidance_scale: float = 5.0, seed: int = 0, clip_x0: bool = False):
+    """Algorithm 2 with guidance: x_0 (N, 1, H, W) for labels c (N,) and caches, the x_t kept."""
+    s, caches = {k: v.tolist() for k, v in schedule.items()}, []  # floats: no device syncs
+    with sampling(unet, c, img_wh, seed) as (g, x_t):
+        for t in range(num_ts, 0, -1):
+            if cached(t, num_ts):
+                caches.append(x_t)
+            g.manual_seed(seed + num_ts - t + 1)  # the seed shifted by 1 at each step
+            z = torch.randn(x_t.shape, generator=g, device=c.device) if t > 1 else 0
+            eps = guided_eps(unet, x_t, c, t / num_ts, guidance_scale)
+            a, abar = s["alphas"][t - 1], s["alpha_bars"][t - 1]
+            if clip_x0:  # beyond the spec, off by default
+                eps = clipped_eps(x_t, eps, abar)
+            mean = (x_t - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a)
+            x_t = mean + math.sqrt(s["beta_tildes"][t - 1]) * z  # sigma_t = sqrt(beta_tilde_t)
+    return x_t, caches
 
 
-# --------------------------------------------------------------------------- utilities
-SCALE, PAD = 3, 2  # pictures: each 28 px digit drawn 3x larger, 2 px gutters between digits
+# --------------------------------------------------------------------------- beyond the spec
+def clipped_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
+    """The eps of x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) clipped to [0, 1] (eq. 15)."""
+    x_0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(0, 1)
+    return (x_t - math.sqrt(abar) * x_0) / math.sqrt(1 - abar)
+
+def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
+                guidance_scale: float = 5.0, seed: int = 0, steps: int = 50, clip_x0: bool = False):
+    """Deterministic strided sampler (DDIM, eta 0, arXiv 2010.02502): `steps` of the T timesteps."""
+    abars, caches = schedule["alpha_bars"].tolist(), []
+    ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T..1
+    with sampling(unet, c, img_wh, seed) as (_, x_t):
+        for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
+            if cached(len(ts) - i, len(ts)):  # the spec's rule on the steps left
+                caches.append(x_t)
+            abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
+            eps = guided_eps(unet, x_t, c, t / num_ts, guidance_scale)
+            if clip_x0:
+                eps = clipped_eps(x_t, eps, abar)
+            x_0 = (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # eq. 15
+            x_t = math.sqrt(abar_prev) * x_0 + math.sqrt(1 - abar_prev) * eps  # on the same eps
+    return x_t, caches
+
+def flow_forward(unet: nn.Module, x_1: torch.Tensor, c: torch.Tensor, p_uncond: float):
+    """Rectified flow (arXiv 2209.03003): ||(x_1 - x_0) - v_theta(x_t, t, c)||^2, t ~ U[0, 1]."""
+    t = torch.rand(len(c), device=c.device)  # (N,)
+    x_0 = torch.randn_like(x_1)
+    t4 = t.view(-1, 1, 1, 1)  # (N, 1, 1, 1): over the pixels
+    x_t = (1 - t4) * x_0 + t4 * x_1  # straight from noise x_0 (t = 0) to data x_1 (t = 1)
+    mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
+    return F.mse_loss(unet(x_t, c, t, mask), x_1 - x_0)
+
+def flow_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, steps: int,
+                guidance_scale: float = 5.0, seed: int = 0):
+    """K Euler steps x <- x + v / K along the guided velocity from noise (t = 0) to data (t = 1)."""
+    caches = []
+    with sampling(unet, c, img_wh, seed) as (_, x):
+        for i in range(steps):
+            if cached(steps - i, steps):  # the spec's rule on the steps left
+                caches.append(x)
+            x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
+    return x, caches
+
+def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, gamma: float):
+    """Samples and caches of --method and --sample-steps K (ddpm: K = T is the spec's sampler)."""
+    K, T, kw = args.sample_steps or args.num_ts, args.num_ts, dict(seed=args.seed)
+    if args.method == "flow":
+        return flow_sample(unet, c, (28, 28), K, gamma, **kw)
+    kw["clip_x0"] = args.clip_x0
+    if K < T:
+        return ddim_sample(unet, c, (28, 28), schedule, T, gamma, steps=K, **kw)
+    return ddpm_sample(unet, c, (28, 28), schedule, T, gamma, **kw)
+
+@torch.no_grad()
+def update_bn(net: nn.Module, loss_fn, data: tuple, batch_size: int, num_batches: int = 32):
+    """Re-estimate BatchNorm statistics for EMA weights (averaged ones do not fit them)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    (x, y), dev, _ = data, data[0].device, net.train()
+    with torch.random.fork_rng([] if dev.type == "cpu" else [dev], device_type=dev.type):
+        for idx in batches(len(x), batch_size, dev)[:num_batches]:  # the run's RNG is untouched
+            loss_fn(net, x[idx], y[idx])
+    for m in bns:
+        m.momentum = 0.1
 
 
-def get_device(name: str) -> torch.device:
-    """Resolve --device; 'auto' picks cuda, then mps, then cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda, but PyTorch sees no CUDA GPU here (try --device auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        sys.exit("error: --device mps, but MPS is not available here (try --device auto)")
-    return torch.device(name)
+# --------------------------------------------------------------------------- training
+def load_mnist(root: str, train: bool, device: torch.device, limit=None) -> tuple:
+    """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=True)
+    except Exception as e:  # no internet, a proxy, a half-written file: all end here
+        sys.exit(f"error: MNIST is not under {os.path.join(root, 'MNIST', 'raw')} and could not be "
+                 f"downloaded ({type(e).__name__}). Put the four files train-images-idx3-ubyte, "
+                 "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                 "(unzipped) there, or pass --data-dir DIR whose MNIST/raw/ holds them.")
+    x, y = ds.data[:limit], ds.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
+    return (x.unsqueeze(1).float() / 255).to(device), y.to(device)  # (N, 1, 28, 28)
 
+def batches(n: int, batch_size: int, device: torch.device) -> list:
+    """Shuffled index batches over range(n), drawn from the global RNG; the last may be short."""
+    perm = torch.randperm(n, device=device)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
-def grid_image(x: torch.Tensor, nrow: int, title: str = "", col_labels=(), row_labels=(), scale: int = SCALE):
-    """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with thin gutters and labels."""
-    grid = make_grid(x.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=PAD, pad_value=0.5)  # (3, H, W)
-    img = to_pil_image(grid).convert("L")
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    left = 64 if any(row_labels) else 0
-    top = (16 if title else 0) + (14 if any(col_labels) else 0)
-    canvas = Image.new("L", (img.width + left, img.height + top), 255)
-    canvas.paste(img, (left, top))
-    draw, cell = ImageDraw.Draw(canvas), (28 + PAD) * scale
-    draw.text((4, 2), title, fill=0)
-    for j, s in enumerate(col_labels):
-        draw.text((left + PAD * scale + j * cell + 4, top - 13), s, fill=0)
-    for i, s in enumerate(row_labels):
-        draw.text((4, top + PAD * scale + i * cell + cell // 2 - 8), s, fill=0)
-    return canvas
-
-
-def save_grid(path: str, *args, **kwargs) -> None:
-    """grid_image(...) saved as PNG."""
-    grid_image(*args, **kwargs).save(path)
-
-
-def nice_ticks(hi: int, n: int = 6) -> list:
-    """Whole tick values in [1, hi], 1, 2 or 5 times a power of ten apart, about n of them."""
-    raw = max(hi / n, 1)
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return [1] + [k * step for k in range(1, hi // step + 1) if k * step > 1]
-
-
-def save_loss_plot(path: str, losses: list, title: str, steps_per_epoch: int) -> None:
-    """Draw the per-step loss (log scale, raw points and a moving average) with labelled axes."""
-    W, H, L, R, T, B = 720, 420, 70, 20, 36, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    n = len(losses)
-    logs = [math.log10(max(v, 1e-12)) for v in losses]
-    y0, y1 = math.floor(min(logs) * 4) / 4, math.ceil(max(logs) * 4) / 4 + 1e-9
-    px = lambda i: L + (W - L - R) * i / max(n - 1, 1)
-    py = lambda lv: T + (H - T - B) * (y1 - lv) / (y1 - y0)
-    for v in nice_ticks(n):  # x axis: optimizer steps
-        d.line([(px(v - 1), H - B), (px(v - 1), H - B + 4)], fill="black")
-        d.text((px(v - 1) - 10, H - B + 7), str(v), fill="black")
-    decades = range(math.floor(y0), math.ceil(y1) + 1)  # y axis: 1, 2, 5 per decade
-    for lv in [math.log10(m) + e for e in decades for m in (1, 2, 5)]:
-        if y0 <= lv <= y1:
-            d.line([(L - 4, py(lv)), (W - R, py(lv))], fill=(225, 225, 225))
-            d.text((4, py(lv) - 6), f"{10 ** lv:.3g}", fill="black")
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    d.point([(px(i), py(v)) for i, v in enumerate(logs)], fill=(150, 180, 230))
-    k = max(1, n // 100)  # centred moving average over about 2% of the run (no lag)
-    smooth = [sum(logs[max(0, i - k):i + k + 1]) / len(logs[max(0, i - k):i + k + 1]) for i in range(n)]
-    d.line([(px(i), py(v)) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
-    d.text((L, 10), title, fill="black")
-    d.text(((W - L) // 2, H - 20), f"step ({steps_per_epoch} per epoch)", fill="black")
-    d.text((4, T - 18), "loss (log)", fill="black")
-    img.save(path)
-
-
-def save_checkpoint(path: str, **state) -> None:
-    """Write atomically: a temporary file, then rename, so an interrupted save leaves the old file."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
+def build(args, device: torch.device) -> tuple:
+    """The part's model, the callable that trains it, loss_fn(net, x, y), schedule and EMA."""
+    D = args.hidden
+    model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
+    schedule = {k: v.to(device) for k, v in ddpm_schedule(1e-4, 0.02, args.num_ts).items()}
+    if args.part == 1:
+        loss_fn = lambda net, x, y: denoise_loss(net, x, args.sigma)
+    elif args.method == "flow":
+        loss_fn = lambda net, x, y: flow_forward(net, x, y, args.p_uncond)
+    else:
+        loss_fn = lambda net, x, y: ddpm_forward(net, schedule, x, y, args.p_uncond, args.num_ts)
+    model = model.to(device, memory_format=torch.channels_last)  # faster wherever measured
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    fast = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    return model, fast, loss_fn, schedule, ema
 
 def load_checkpoint(path: str, part: int) -> dict:
     """Read a checkpoint with weights_only=True; any problem is a one-line error."""
@@ -237,730 +296,378 @@ def load_checkpoint(path: str, part: int) -> dict:
         sys.exit(f"error: {path} is not a Part {part} checkpoint of this script")
     return ckpt
 
-
-def load_weights(model: nn.Module, state: dict, path: str) -> None:
-    """load_state_dict with a one-line error for a checkpoint of another architecture."""
+def restore(ckpt: dict, path: str, model: nn.Module, ema) -> None:
+    """Load a checkpoint's weights into the model, and its EMA weights into ema if not None."""
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
     except RuntimeError:
         sys.exit(f"error: {path} holds weights of another architecture than this model")
+    except KeyError:
+        sys.exit(f"error: {path} holds no EMA weights (drop --ema, or pass --ema 0)")
 
-
-def rng_state() -> dict:
-    """The global RNG states (CPU and CUDA) that training draws from."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned."""
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------- data
-MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
-
-
-def load_mnist(root: str, train: bool, device: torch.device, limit=None):
-    """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
-    try:
-        ds = torchvision.datasets.MNIST(root, train=train, download=True)
-    except Exception as e:  # no internet, a proxy, a half-written file: all end here
-        sys.exit(f"error: MNIST is not under {os.path.join(root, 'MNIST', 'raw')} and could not be downloaded "
-                 f"({type(e).__name__}). Put the four files {MNIST_FILES} (unzipped) in that folder, "
-                 f"or pass --data-dir DIR whose MNIST/raw/ holds them.")
-    x, y = ds.data[:limit], ds.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
-    return (x.unsqueeze(1).float() / 255).to(device), y.to(device)  # (N, 1, 28, 28)
-
-
-def batches(n: int, batch_size: int, device: torch.device):
-    """Shuffled index batches over range(n), drawn from the global RNG; the last may be short."""
-    perm = torch.randperm(n, device=device)
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-# --------------------------------------------------------------------------- model
-class Conv(nn.Sequential):  # (Din, H, W) -> (Dout, H, W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
-
-
-class DownConv(nn.Sequential):  # (Din, H, W) -> (Dout, H/2, W/2)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
-
-
-class UpConv(nn.Sequential):  # (Din, H, W) -> (Dout, 2H, 2W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
-
-
-class Flatten(nn.Sequential):  # (D, 7, 7) -> (D, 1, 1)
-    def __init__(self):
-        super().__init__(nn.AvgPool2d(7), nn.GELU())
-
-
-class Unflatten(nn.Sequential):  # (D, 1, 1) -> (D, 7, 7)
-    def __init__(self, c: int):
-        super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
-
-
-class ConvBlock(nn.Sequential):  # Conv -> Conv: like Conv, with more parameters
-    def __init__(self, cin: int, cout: int, residual: bool = False):
-        super().__init__(Conv(cin, cout), Conv(cout, cout))
-        self.residual = residual and cin == cout  # --arch res: x + Conv(Conv(x)), same weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x) if self.residual else super().forward(x)
-
-
-class DownBlock(nn.Sequential):  # DownConv -> ConvBlock: like DownConv
-    def __init__(self, cin: int, cout: int, residual: bool = False):
-        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout, residual))
-
-
-class UpBlock(nn.Sequential):  # UpConv -> ConvBlock: like UpConv
-    def __init__(self, cin: int, cout: int, residual: bool = False):
-        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout, residual))
-
-
-class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
-    def __init__(self, fin: int, fout: int):
-        super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
-
-
-class UnconditionalUNet(nn.Module):
-    """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28). Concat is torch.cat along channels."""
-
-    def __init__(self, in_channels: int = 1, num_hiddens: int = 128, residual: bool = False):
-        super().__init__()
-        D, r = num_hiddens, residual
-        self.conv_in, self.down1, self.down2 = ConvBlock(in_channels, D), DownBlock(D, D, r), DownBlock(D, 2 * D, r)
-        self.flatten, self.unflatten = Flatten(), Unflatten(2 * D)
-        self.up1, self.up2 = UpBlock(4 * D, D, r), UpBlock(2 * D, D, r)
-        self.conv_out, self.head = ConvBlock(2 * D, D), nn.Conv2d(D, in_channels, 3, 1, 1)
-
-    def unet(self, x: torch.Tensor, film1=None, film2=None) -> torch.Tensor:
-        """The UNet; film = (scale, shift), each (N, F), modulates u0 and u1 as scale * u + shift."""
-        e0 = self.conv_in(x)  # (N, D, 28, 28)
-        e1 = self.down1(e0)  # (N, D, 14, 14)
-        e2 = self.down2(e1)  # (N, 2D, 7, 7)
-        u0 = self.unflatten(self.flatten(e2))  # (N, 2D, 1, 1) -> (N, 2D, 7, 7)
-        if film1 is not None:
-            u0 = film1[0][:, :, None, None] * u0 + film1[1][:, :, None, None]  # (N, 2D) broadcast over H, W
-        u1 = self.up1(torch.cat([e2, u0], 1))  # (N, 4D, 7, 7) -> (N, D, 14, 14)
-        if film2 is not None:
-            u1 = film2[0][:, :, None, None] * u1 + film2[1][:, :, None, None]  # (N, D) broadcast over H, W
-        u2 = self.up2(torch.cat([e1, u1], 1))  # (N, 2D, 14, 14) -> (N, D, 28, 28)
-        return self.head(self.conv_out(torch.cat([e0, u2], 1)))  # (N, 2D, 28, 28) -> (N, 1, 28, 28)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unet(x)
-
-
-class ConditionalUNet(UnconditionalUNet):
-    """Part 2's UNet: eps_theta(x_t, t, c) with t = t/T in [0, 1] and class c one-hot, through FCBlocks."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128, residual: bool = False):
-        super().__init__(in_channels, num_hiddens, residual)
-        D, self.num_classes = num_hiddens, num_classes
-        self.fc1_t, self.fc1_c = FCBlock(1, 2 * D), FCBlock(num_classes, 2 * D)
-        self.fc2_t, self.fc2_c = FCBlock(1, D), FCBlock(num_classes, D)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
-        """x (N, 1, 28, 28); c (N,) labels; t (N,) in [0, 1]; mask (N,): 1 keeps c, 0 drops it, None keeps all."""
-        c = F.one_hot(c, self.num_classes).to(x.dtype)  # (N, 10)
-        if mask is not None:
-            c = c * mask.to(x.dtype)[:, None]  # (N, 10): rows with mask 0 become the zero vector
-        t = t.to(x.dtype)[:, None]  # (N, 1)
-        return self.unet(x, (self.fc1_c(c), self.fc1_t(t)), (self.fc2_c(c), self.fc2_t(t)))
-
-
-# --------------------------------------------------------------------------- diffusion
-def ddpm_schedule(beta1: float, beta2: float, num_ts: int) -> dict:
-    """Linear DDPM schedule; index i of every tensor holds timestep t = i + 1 (t = 1..T)."""
-    assert 0 < beta1 < beta2 < 1, "need 0 < beta1 < beta2 < 1"
-    betas = torch.linspace(beta1, beta2, num_ts, dtype=torch.float64)  # beta_t
-    alphas = 1 - betas  # alpha_t = 1 - beta_t
-    alpha_bars = torch.cumprod(alphas, 0)  # abar_t = prod_{s<=t} alpha_s
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])  # abar_{t-1}, abar_0 = 1
-    beta_tildes = (1 - abar_prev) / (1 - alpha_bars) * betas  # eq. 7; 0 at t = 1
-    s = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars, beta_tildes=beta_tildes)
-    return {k: v.float() for k, v in s.items()}
-
-
-def sample_t(n: int, num_ts: int, device) -> torch.Tensor:
-    """t ~ Uniform{1, ..., T}, shape (n,)."""
-    return torch.randint(1, num_ts + 1, (n,), device=device)
-
-
-def add_noise(schedule: dict, x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    abar = schedule["alpha_bars"][t - 1].view(-1, 1, 1, 1)  # (N, 1, 1, 1) broadcast over pixels
-    return abar.sqrt() * x_0 + (1 - abar).sqrt() * eps
-
-
-def drop_mask(n: int, p_uncond: float, device) -> torch.Tensor:
-    """Class-dropout mask (n,): 1 keeps the class, 0 (with probability p_uncond) drops it."""
-    return (torch.rand(n, device=device) >= p_uncond).float()
-
-
-def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Tensor, p_uncond: float,
-                 num_ts: int) -> torch.Tensor:
-    """Algorithm 1: the loss ||eps - eps_theta(x_t, t, c)||^2 for one batch x_0 (N, 1, 28, 28), c (N,)."""
-    t = sample_t(x_0.shape[0], num_ts, x_0.device)
-    eps = torch.randn_like(x_0)
-    x_t = add_noise(schedule, x_0, t, eps)
-    return F.mse_loss(unet(x_t, c, t / num_ts, drop_mask(x_0.shape[0], p_uncond, x_0.device)), eps)
-
-
-def flow_forward(unet: nn.Module, x_1: torch.Tensor, c: torch.Tensor, p_uncond: float) -> torch.Tensor:
-    """Rectified flow (arXiv 2209.03003): x_t = (1 - t) x_0 + t x_1 runs straight from noise x_0 ~ N(0, I)
-    at t = 0 to data x_1 at t = 1, t ~ U[0, 1]; the loss is ||(x_1 - x_0) - v_theta(x_t, t, c)||^2."""
-    t = torch.rand(x_1.shape[0], device=x_1.device)  # (N,)
-    x_0 = torch.randn_like(x_1)
-    t4 = t.view(-1, 1, 1, 1)  # (N, 1, 1, 1) broadcast over pixels
-    x_t = (1 - t4) * x_0 + t4 * x_1
-    return F.mse_loss(unet(x_t, c, t, drop_mask(x_1.shape[0], p_uncond, x_1.device)), x_1 - x_0)
-
-
-@torch.no_grad()
-def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t_norm: float, gamma: float,
-               amp: bool = False) -> torch.Tensor:
-    """Classifier-free guidance eps_u + gamma (eps_c - eps_u) at time t_norm in [0, 1], both halves in one
-    UNet call of 2N (for flow the same formula guides the velocity)."""
-    n, dev = x_t.shape[0], x_t.device
-    mask = torch.cat([torch.ones(n, device=dev), torch.zeros(n, device=dev)])  # (2N,): eps_c half, then eps_u half
-    tt = torch.full((2 * n,), t_norm, device=dev)
-    torch.compiler.cudagraph_mark_step_begin()
-    with torch.autocast(x_t.device.type, torch.bfloat16, enabled=amp):
-        eps = unet(torch.cat([x_t, x_t]), torch.cat([c, c]), tt, mask).float()  # (2N, 1, H, W)
-    eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
-    return eps_u + gamma * (eps_c - eps_u)
-
-
-def cached_steps(steps: int) -> set:
-    """The steps i (of 0..steps-1) before which caches keep x: all of 30 or fewer, else about 30, denser
-    towards the end, where the digits take shape."""
-    return set(range(steps)) if steps <= 30 else {steps - 1 - round((steps - 1) * (k / 29) ** 2) for k in range(30)}
-
-
-@torch.no_grad()
-def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, clip=None):
-    """Algorithm 2 with guidance: images x_0 (N, 1, H, W) for labels c (N,), and the cached x_t.
-
-    The noise comes from a generator on c's device, seeded with `seed` for x_T and shifted by 1 at
-    each step. caches holds x_T and about 30 x_t after it (see cached_steps). clip=(lo, hi) clips the predicted
-    x_0 (eq. 15 of the paper) and steps to the posterior mean of eq. 7 from it; None is the spec's update.
-    """
-    was_training = unet.training
-    unet.eval()
-    dev, shape = c.device, (c.shape[0], 1, *img_wh)
-    s = {k: v.tolist() for k, v in schedule.items()}  # python floats: no device sync in the loop
-    g = torch.Generator(dev).manual_seed(seed)
-    x = torch.randn(shape, generator=g, device=dev)  # x_T ~ N(0, I)
-    caches, keep = [], cached_steps(num_ts)
-    for t in range(num_ts, 0, -1):
-        if num_ts - t in keep:
-            caches.append(x)
-        g.manual_seed(seed + num_ts - t + 1)  # seed shifted by 1 per step
-        z = torch.randn(shape, generator=g, device=dev) if t > 1 else torch.zeros_like(x)
-        eps = guided_eps(unet, x, c, t / num_ts, guidance_scale, amp)
-        a, abar, beta = s["alphas"][t - 1], s["alpha_bars"][t - 1], s["betas"][t - 1]
-        if clip is None:
-            mean = (x - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a)
-        else:
-            abar_prev = s["alpha_bars"][t - 2] if t > 1 else 1.0  # abar_0 = 1
-            x_0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(*clip)
-            mean = (math.sqrt(abar_prev) * beta * x_0 + math.sqrt(a) * (1 - abar_prev) * x) / (1 - abar)  # eq. 7
-        x = mean + math.sqrt(s["beta_tildes"][t - 1]) * z
-    unet.train(was_training)
-    return x, caches
-
-
-@torch.no_grad()
-def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0, amp: bool = False, steps: int = 50, clip=None):
-    """Deterministic strided sampler (DDIM with eta 0, arXiv 2010.02502) over `steps` of the T timesteps.
-
-    Same model, same x_T for a seed; caches as in ddpm_sample; clip=(lo, hi) clips the predicted x_0.
-    """
-    was_training = unet.training
-    unet.eval()
-    abars = schedule["alpha_bars"].tolist()
-    ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T, ..., 1
-    g = torch.Generator(c.device).manual_seed(seed)
-    x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_T ~ N(0, I), as in ddpm_sample
-    caches, keep = [], cached_steps(len(ts))
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
-        if i in keep:
-            caches.append(x)
-        eps = guided_eps(unet, x, c, t / num_ts, guidance_scale, amp)
-        abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
-        x_0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # eq. 8
-        if clip is not None:
-            x_0 = x_0.clamp(*clip)
-            eps = (x - math.sqrt(abar) * x_0) / math.sqrt(1 - abar)  # the eps that this x_0 implies
-        x = math.sqrt(abar_prev) * x_0 + math.sqrt(1 - abar_prev) * eps  # x_t_prev on the same eps
-    unet.train(was_training)
-    return x, caches
-
-
-@torch.no_grad()
-def flow_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, steps: int, guidance_scale: float = 5.0,
-                seed: int = 0, amp: bool = False, clip=None):
-    """Euler steps x <- x + v / K along the guided velocity from noise (t = 0) to data (t = 1).
-
-    Same x at t = 0 as ddpm_sample's x_T for a seed; caches as in ddpm_sample; clip=(lo, hi) clips the
-    predicted end point x_1 = x_t + (1 - t) v.
-    """
-    was_training = unet.training
-    unet.eval()
-    g = torch.Generator(c.device).manual_seed(seed)
-    x = torch.randn((c.shape[0], 1, *img_wh), generator=g, device=c.device)  # x_0 ~ N(0, I)
-    caches, keep = [], cached_steps(steps)
-    for i in range(steps):
-        if i in keep:
-            caches.append(x)
-        t = i / steps
-        v = guided_eps(unet, x, c, t, guidance_scale, amp)
-        if clip is not None:
-            v = ((x + (1 - t) * v).clamp(*clip) - x) / (1 - t)
-        x = x + v / steps
-    unet.train(was_training)
-    return x, caches
-
-
-def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, guidance_scale: float):
-    """Samples of --method with --sample-steps (the spec's ancestral sampler when ddpm and K = T), and
-    their caches, as pictures in [0, 1]."""
-    clip = ((-1.0, 1.0) if args.pm1 else (0.0, 1.0)) if args.clip_x0 else None
-    kw = dict(seed=args.seed, amp=args.amp, clip=clip)
-    if args.method == "flow":
-        x, caches = flow_sample(unet, c, (28, 28), args.sample_steps, guidance_scale, **kw)
-    elif args.sample_steps >= args.num_ts:
-        x, caches = ddpm_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, **kw)
-    else:
-        x, caches = ddim_sample(unet, c, (28, 28), schedule, args.num_ts, guidance_scale, steps=args.sample_steps, **kw)
-    if args.pm1:
-        x, caches = (x + 1) / 2, [(f + 1) / 2 for f in caches]  # [-1, 1] -> [0, 1]
-    return x, caches
-
-
-# --------------------------------------------------------------------------- training
-def part1_loss(fast, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Eq. 1 with z from eq. 2: ||D(x + sigma eps) - x||^2, fresh noise for every batch."""
-    return F.mse_loss(fast(x + sigma * torch.randn_like(x)), x)
-
-
-def build(args, device: torch.device):
-    """The part's model, the callable that runs it, its loss_fn(fast, x, labels), for Part 2 the schedule,
-    and with --ema the AveragedModel of the weights (else None).
-
-    The callable is the model itself, or its torch.compile'd wrapper with --compile; checkpoints always
-    hold the plain model's weights.
-    """
-    fmt = torch.channels_last if args.channels_last else torch.preserve_format
-    residual, schedule = args.arch == "res", None
-    if args.part == 1:
-        model = UnconditionalUNet(1, args.hidden, residual).to(device, memory_format=fmt)
-        loss_fn = lambda fast, x, y: part1_loss(fast, x, args.sigma)
-    else:
-        model = ConditionalUNet(1, 10, args.hidden, residual).to(device, memory_format=fmt)
-        scaled = lambda x: 2 * x - 1 if args.pm1 else x  # --pm1: [0, 1] -> [-1, 1]
-        if args.method == "flow":
-            loss_fn = lambda fast, x, y: flow_forward(fast, scaled(x), y, args.p_uncond)
-        else:
-            schedule = {k: v.to(device) for k, v in ddpm_schedule(args.beta1, args.beta2, args.num_ts).items()}
-            loss_fn = lambda fast, x, y: ddpm_forward(fast, schedule, scaled(x), y, args.p_uncond, args.num_ts)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None  # weights only
-    return model, torch.compile(model, mode=args.compile) if args.compile else model, loss_fn, schedule, ema
-
-
-def load_model(model: nn.Module, ema, path: str, part: int) -> int:
-    """Load a checkpoint's weights (and its EMA, when ema is an AveragedModel); return its epoch."""
-    ckpt = load_checkpoint(path, part)
-    load_weights(model, ckpt["model"], path)
-    if ema is not None:
-        if "ema" not in ckpt:
-            sys.exit(f"error: {path} holds no EMA weights (drop --ema, or pass --ema 0)")
-        load_weights(ema, ckpt["ema"], path)
-    return ckpt["epoch"]
-
-
-@torch.no_grad()
-def update_bn(net: nn.Module, loss_fn, data, batch_size: int, num_batches: int = 32) -> None:
-    """Re-estimate the BatchNorm statistics of averaged weights on training batches, as swa_utils.update_bn
-    does (which cannot feed this UNet's inputs): averaged running statistics do not fit averaged weights.
-    It draws from a fork of the RNG, so the raw weights of a run are the same with or without --ema."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches
-    was_training, (x, y) = net.training, data
-    net.train()
-    with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
-        for idx in batches(len(x), batch_size, x.device)[:num_batches]:  # the training run's RNG is left as it was
-            loss_fn(net, x[idx], y[idx])
-    for m in bns:
-        m.momentum = 0.1
-    net.train(was_training)
-
-
-def make_optimizer(model: nn.Module, args) -> torch.optim.Adam:
-    """Adam, fused on CUDA."""
-    return torch.optim.Adam(model.parameters(), lr=args.lr, fused=next(model.parameters()).is_cuda)
-
-
-def train_step(fast, opt, loss_fn, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+def train_step(net, opt, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimizer step; returns the loss without waiting for the device."""
-    torch.compiler.cudagraph_mark_step_begin()  # with --compile reduce-overhead: a new step's graphs
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-        loss = loss_fn(fast, x, y)
+    torch.compiler.cudagraph_mark_step_begin()  # --compile: a new step's CUDA graphs
+    loss = loss_fn(net, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.detach()
 
-
-def train(args, model: nn.Module, fast, loss_fn, ema, data, ckpt_path: str, on_epoch_end) -> list:
-    """The loop both parts share: shuffled batches, progress lines, the EMA update after each step, and
-    on_epoch_end(epoch, losses, net) with net the EMA model (or fast), then a checkpoint, every epoch."""
-    train_x, train_y = data
-    n, name = len(train_x), f"part {args.part}"
-    opt = make_optimizer(model, args)
-    start, losses = 1, []
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, args.part)
-        load_weights(model, ckpt["model"], ckpt_path)
-        if ema is not None and "ema" in ckpt:
-            load_weights(ema, ckpt["ema"], ckpt_path)
+def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -> None:
+    """The loop both parts share, resumed from ckpt if given: on_epoch_end(), then a checkpoint."""
+    (model, fast, loss_fn, _, ema), (train_x, train_y) = built, data
+    n, steps, start, losses = len(train_x), math.ceil(len(train_x) / args.batch_size), 1, []
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=train_x.is_cuda)
+    if ckpt is not None:
+        restore(ckpt, ckpt_path, model, ema)
         opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start, losses = ckpt["epoch"] + 1, ckpt["losses"]
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
-    elif args.resume:
-        print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    steps = math.ceil(n / args.batch_size)
-    t_start, t_last, done, t_other = time.time(), time.time(), 0, 0.0  # t_other: pictures and checkpoints
     for epoch in range(start, args.epochs + 1):
         fast.train()
-        for group in opt.param_groups:  # exponential decay: lr at the last epoch is nearly lr_decay * lr
+        for group in opt.param_groups:  # exponential decay: about lr_decay * lr at the last epoch
             group["lr"] = args.lr * args.lr_decay ** ((epoch - 1) / args.epochs)
-        epoch_losses = []
+        epoch_losses, t_epoch, t_print = [], time.time(), time.time()
         for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
-            epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx], args.amp))
+            epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx]))
             if ema is not None:
                 ema.update_parameters(model)  # W_ema <- decay W_ema + (1 - decay) W
-            done += len(idx)
-            if time.time() - t_last > 5 or (i + 1 == steps and epoch == args.epochs):
-                t_last, rate = time.time(), done / (time.time() - t_start - t_other)
-                eta = ((args.epochs - epoch + 1) * n - min((i + 1) * args.batch_size, n)) / rate
-                print(f"{name} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | loss "
-                      f"{epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
-        t_other -= time.time()
+            if time.time() - t_print > 5 or i + 1 == steps:
+                done, t_print = min((i + 1) * args.batch_size, n), time.time()
+                rate = done / (t_print - t_epoch)  # images per second in this epoch
+                eta = ((args.epochs - epoch + 1) * n - done) / rate / 60
+                print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
+                      f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
         losses += torch.stack(epoch_losses).float().tolist()
         if ema is not None:
             update_bn(ema.module, loss_fn, data, args.batch_size)
-        on_epoch_end(epoch, losses, fast if ema is None else ema.module)  # pictures first: an interrupt during
-        extra = {} if ema is None else {"ema": ema.state_dict()}  # them repeats this epoch on --resume
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, args=vars(args),
-                        rng=rng_state(), losses=losses, **extra)
-        t_other += time.time()
-    return losses
+        on_epoch_end(epoch, losses, fast if ema is None else ema.module)  # an interrupt here
+        rng = {"cpu": torch.get_rng_state(),  # leaves no checkpoint: --resume repeats this epoch
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                     args=vars(args), rng=rng, losses=losses)
+        torch.save(state | ({} if ema is None else {"ema": ema.state_dict()}), ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted save keeps the old file
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- pictures and eval
+SCALE, PAD = 3, 2  # each 28 px digit drawn 3x larger, 2 px gutters between digits
+SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of Part 1's pictures
+
+def grid(x: torch.Tensor, nrow: int, title: str, cols=(), rows=(), scale: int = SCALE):
+    """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with a title and labels."""
+    img = to_pil_image(make_grid(x.float().clamp(0, 1).cpu(), nrow, PAD, pad_value=0.5))
+    img = img.convert("L").resize((img.width * scale, img.height * scale), Image.NEAREST)
+    left, top, cell = 64 if any(rows) else 0, 16 + (14 if any(cols) else 0), (28 + PAD) * scale
+    canvas = Image.new("L", (img.width + left, img.height + top), 255)
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=0)
+    for j, s in enumerate(cols):
+        draw.text((left + PAD * scale + j * cell + 4, top - 13), s, fill=0)
+    for i, s in enumerate(rows):
+        draw.text((4, top + PAD * scale + i * cell + cell // 2 - 8), s, fill=0)
+    return canvas
+
+def loss_plot(losses: list, title: str, steps_per_epoch: int) -> Image.Image:
+    """The loss per step on a log scale, a centred moving average over 2% of the run, with axes."""
+    W, H, L, T, B, n, k = 720, 420, 70, 36, 50, len(losses), max(1, len(losses) // 100)
+    logs = [math.log10(sum(losses[max(0, i - k):i + k + 1]) / len(losses[max(0, i - k):i + k + 1]))
+            for i in range(n)]
+    lo, hi = min(logs), max(logs) + 1e-9
+    xy = lambda i, v: (L + (W - L - 20) * i / max(n - 1, 1), T + (H - T - B) * (hi - v) / (hi - lo))
+    img, epochs = Image.new("RGB", (W, H), "white"), math.ceil(n / steps_per_epoch)
+    d = ImageDraw.Draw(img)
+    for e in range(0, epochs + 1, max(1, epochs // 10)):  # x axis: epochs
+        x = xy(e * steps_per_epoch, lo)[0]
+        d.line([(x, H - B), (x, H - B + 4)], fill="black")
+        d.text((x - 3, H - B + 7), str(e), fill="black")
+    for j in range(6):  # y axis: six loss values, evenly spaced on the log scale
+        y = xy(0, lo + (hi - lo) * j / 5)[1]
+        d.line([(L - 4, y), (W - 20, y)], fill=(225, 225, 225))
+        d.text((4, y - 6), f"{10 ** (lo + (hi - lo) * j / 5):.3g}", fill="black")
+    d.rectangle([L, T, W - 20, H - B], outline="black")
+    d.line([xy(i, v) for i, v in enumerate(logs)], fill=(20, 60, 160), width=2)
+    d.text((L, 10), title, fill="black")
+    d.text(((W - L) // 2, H - 20), f"epoch ({steps_per_epoch} steps each)", fill="black")
+    d.text((4, T - 18), "loss (log)", fill="black")
+    return img
+
+def save(out_dir: str, outputs: dict, show: bool = False) -> list:
+    """Write {name: picture, frames (a GIF) or dict (JSON)}; show: inline in a notebook kernel."""
+    for name, obj in outputs.items():
+        path = os.path.join(out_dir, name)
+        if isinstance(obj, dict):
+            with open(path, "w") as f:
+                json.dump(obj, f, indent=1)
+        elif isinstance(obj, list):  # each frame 60 ms, slowing to 240 ms, the last held 2.5 s
+            ms = [60 + 180 * i // max(len(obj) - 2, 1) for i in range(len(obj) - 1)] + [2500]
+            obj[0].save(path, save_all=True, append_images=obj[1:], loop=0, duration=ms)
+        else:
+            obj.save(path)
+        if show and "ipykernel" in sys.modules and not isinstance(obj, dict):
+            from IPython.display import Image as Picture, display
+            display(Picture(filename=path))
+    return [os.path.join(out_dir, name) for name in outputs]
+
+@torch.no_grad()
+def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> dict:
+    """Clean / noisy / denoised test digits; after the last epoch also the noising process, the
+    denoiser at each of SIGMAS, and its test-set MSE and PSNR at --sigma (with --eval at SIGMAS)."""
+    x, net, g = test_x[:10], net.eval(), torch.Generator().manual_seed(args.seed)  # (10, 1, 28, 28)
+    eps = torch.randn(x.shape, generator=g).to(x.device)  # the same noise at every sigma
+    z, noisy = x + args.sigma * eps, torch.stack([x[:8] + s * eps[:8] for s in SIGMAS], 1)  # 8,7,..
+    title = f"Part 1 after epoch {epoch}: test digits, sigma {args.sigma}"
+    out = {f"part1_denoised_epoch{epoch:02d}.png": grid(torch.cat([x, z, net(z)]), 10, title, (),
+                                                        ["clean", "noisy", "denoised"])}
+    if not final:
+        return out
+    out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, "Part 1: z = x + sigma * eps",
+                                    [f"sigma={s}" for s in SIGMAS])
+    pairs = torch.stack([noisy[:4], net(noisy[:4].flatten(0, 1)).view(4, 7, 1, 28, 28)], 2)
+    labels = [f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)]
+    out["part1_ood.png"] = grid(pairs.flatten(0, 2), 14, f"Part 1, trained at sigma {args.sigma}",
+                                labels)  # pairs: (4, 7, 2, 1, 28, 28) -> (56, 1, 28, 28)
+    rows = {}
+    for sigma in SIGMAS if args.eval else [args.sigma]:
+        g, mse = torch.Generator().manual_seed(args.seed), torch.zeros(2)  # denoised, noisy input
+        for x in test_x.split(1000):
+            z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
+            mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
+            mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
+        psnr = (-10 * mse.log10()).tolist()  # peak 1; inf for the noisy input at sigma 0
+        rows[f"sigma={sigma:g}"] = dict(mse=mse[0].item(), psnr=psnr[0],
+                                        psnr_noisy=psnr[1] if sigma else None)
+        print(f"test MSE at sigma {sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}; "
+              f"PSNR {psnr[0]:.2f} dB and {psnr[1]:.2f} dB")
+    report = dict(trained_sigma=args.sigma, args=vars(args), rows=rows)
+    return out | ({"part1_eval.json": report} if args.eval else {})
+
+def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
+    """The 4 x 10 grid, column j digit j; after the last epoch also the guidance sweep (2 rows a
+    gamma, same seed) and a GIF of the grid's first 2 rows forming, from the sampler's caches."""
+    c, digits = torch.arange(10, device=next(net.parameters()).device).repeat(4), "0123456789"
+    x, caches = sample(net, c, schedule, args, args.guidance_scale)  # c: (40,)
+    title = f"Part 2 {args.method} after epoch {epoch}, gamma {args.guidance_scale:g}"
+    out = {f"part2_samples_epoch{epoch:02d}.png": grid(x, 10, title, digits)}
+    if final:
+        xs = torch.cat([sample(net, c[:20], schedule, args, g)[0] for g in args.gammas])  # (20G,..)
+        labels = [f"gamma={g:g}" if r == 0 else "" for g in args.gammas for r in (0, 1)]
+        out["part2_guidance.png"] = grid(xs, 10, "Part 2: guidance scale, same seed", digits,
+                                         labels)
+        out["part2_sampling.gif"] = [grid(f[:20], 10, title, digits, scale=2).quantize(16)
+                                     for f in caches + [x]]  # 16 grey levels: a small file
+    return out
+
 class Classifier(nn.Module):
-    """The judge of --eval: a small CNN, (N, 1, 28, 28) -> features (N, 64) -> logits (N, 10)."""
+    """The judge of --eval: a small CNN, (N, 1, 28, 28) -> features (N, 64) and logits (N, 10)."""
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, 1, 1),
-                                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU())
         self.head = nn.Linear(64, 10)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor) -> tuple:
+        f = torch.cat([self.features(b) for b in x.split(1000)])  # (N, 64), in chunks of 1000
+        return f, self.head(f)
 
-
-def get_classifier(args, device: torch.device) -> Classifier:
-    """The judge of --eval: one epoch of Adam on the full training set, seed 0, kept as OUT_DIR/classifier.pt."""
-    clf, path = Classifier().to(device), os.path.join(args.out_dir, "classifier.pt")
-    try:
-        clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        return clf.eval()
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a truncated or foreign file: train a new one
-        print(f"eval classifier: {path} is unreadable ({type(e).__name__}); training a new one")
-    train_x, train_y = load_mnist(args.data_dir, True, device)
-    t0, gen = time.time(), torch.Generator(device).manual_seed(0)
+def get_classifier(args, test: tuple) -> Classifier:
+    """The judge: one epoch of Adam on the training set, seed 0, cached as OUT_DIR/classifier.pt."""
+    path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
     torch.manual_seed(0)
     clf = Classifier().to(device)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    for idx in torch.randperm(len(train_x), generator=gen, device=device).split(128):
-        loss = F.cross_entropy(clf(train_x[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    test_x, test_y = load_mnist(args.data_dir, False, device)
-    with torch.no_grad():
-        acc = (clf.eval().head(features(clf, test_x)).argmax(1) == test_y).float().mean().item()
-    print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}; saved to {path}")
+    try:
+        clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return clf.eval().requires_grad_(False)
+    except Exception as e:  # none yet, or a truncated or foreign file: train one
+        print(f"eval classifier: training one, {path} is {type(e).__name__}")
+    (train_x, train_y), t0 = load_mnist(args.data_dir, True, device), time.time()
+    opt, g = torch.optim.Adam(clf.parameters(), lr=1e-3), torch.Generator(device).manual_seed(0)
+    loss_fn = lambda net, x, y: F.cross_entropy(net(x)[1], y)
+    for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
+        train_step(clf, opt, loss_fn, train_x[idx], train_y[idx])
+    acc = (clf.eval().requires_grad_(False)(test[0])[1].argmax(1) == test[1]).float().mean().item()
+    print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}")
     torch.save(clf.state_dict(), path)
     return clf
 
-
-@torch.no_grad()
-def features(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
-    """The classifier's (N, 64) features of images (N, 1, 28, 28), in chunks of 1000."""
-    return torch.cat([clf.features(b) for b in x.split(1000)])
-
-
-def write_json(path: str, **data) -> str:
-    """Write data as indented JSON; return the path."""
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-    return path
-
-
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between feature sets (N1, F) and (N2, F)."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
     f1, f2 = f1.double().cpu(), f2.double().cpu()
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
     w, v = torch.linalg.eigh(s1)
     r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T  # S1^1/2
     root_trace = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    return ((f1.mean(0) - f2.mean(0)) ** 2).sum().item() + (s1.trace() + s2.trace() - 2 * root_trace).item()
+    mean_term = ((f1.mean(0) - f2.mean(0)) ** 2).sum()
+    return (mean_term + s1.trace() + s2.trace() - 2 * root_trace).item()
 
-
-@torch.no_grad()
-def judge(clf: Classifier, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict:
-    """The classifier's verdict on images x (N, 1, 28, 28) meant to be digits c (N,); ref: reference features."""
-    f = features(clf, x.clamp(0, 1))  # (N, 64)
-    p = F.softmax(clf.head(f), 1)  # (N, 10)
-    hit = (p.argmax(1) == c).float()
-    return dict(accuracy=hit.mean().item(), confidence=p[torch.arange(len(c)), c].mean().item(),
-                frechet=frechet_distance(f, ref), per_digit=[hit[c == d].mean().item() for d in range(10)])
-
-
-def evaluate_part2(net, schedule: dict, args, device: torch.device) -> str:
-    """--eval N: judge N samples per digit at each of --gammas, beside N real test digits per digit."""
-    clf = get_classifier(args, device)
-    test_x, test_y = load_mnist(args.data_dir, False, device)
-    ref = features(clf, test_x)  # (10000, 64): the test set's features
-    real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N test digits of each class
-    rows = {"real": judge(clf, test_x[real], test_y[real], ref)}
-    c = torch.arange(10, device=device).repeat(args.eval)  # (10 N,)
-    for gamma in args.gammas:
-        t0 = time.time()
-        rows[f"gamma={gamma:g}"] = judge(clf, sample(net, c, schedule, args, gamma)[0], c, ref)
-        print(f"eval: {len(c)} samples at gamma {gamma:g} in {time.time() - t0:.0f} s", flush=True)
+def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
+    """--eval N: the classifier's verdict on N samples per digit at each of --gammas and on N real
+    test digits per digit: accuracy, mean probability of the digit asked for, Frechet distance."""
+    (test_x, test_y), clf = test, get_classifier(args, test)
+    ref, rows = clf(test_x)[0], {}  # (10000, 64): the test set's features
+    real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N per digit
+    c = torch.arange(10, device=test_x.device).repeat(args.eval)  # (10 N,)
     print(f"{'samples':>12} | accuracy | confidence | frechet | accuracy per digit 0-9")
-    for name, r in rows.items():
-        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | {r['frechet']:7.2f} | "
-              + " ".join(f"{v:.0%}" for v in r["per_digit"]))
-    return write_json(os.path.join(args.out_dir, "part2_eval.json"), n_per_digit=args.eval, args=vars(args), rows=rows)
+    for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
+        x, y = (test_x[real], test_y[real]) if name == "real" else (
+            sample(net, c, schedule, args, float(name[6:]))[0], c)
+        f, logits = clf(x.clamp(0, 1))  # (N, 64), (N, 10)
+        hit, p = (logits.argmax(1) == y).float(), F.softmax(logits, 1)[torch.arange(len(y)), y]
+        rows[name] = r = dict(accuracy=hit.mean().item(), confidence=p.mean().item(),
+                              frechet=frechet_distance(f, ref),
+                              per_digit=[hit[y == d].mean().item() for d in range(10)])
+        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | "
+              f"{r['frechet']:7.2f} |", " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
+    return {"part2_eval.json": dict(n_per_digit=args.eval, args=vars(args), rows=rows)}
 
 
-# --------------------------------------------------------------------------- part 1
-def denoise_pictures(fast, test_x: torch.Tensor, args, files: list, epoch: int, final: bool) -> None:
-    """Clean / noisy / denoised rows of test digits; after the last epoch also the sweep over SIGMAS."""
-    fast.eval()
-    x = test_x[:10]  # (10, 1, 28, 28)
-    g = torch.Generator().manual_seed(args.seed)
-    eps = torch.randn(x.shape, generator=g).to(x.device)  # the same noise for every sigma
-    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-        z = x + args.sigma * eps
-        path = os.path.join(args.out_dir, f"part1_denoised_epoch{epoch:02d}.png")
-        save_grid(path, torch.cat([x, z, fast(z)]), 10, f"Part 1 after epoch {epoch}: test digits, sigma "
-                  f"{args.sigma}", row_labels=["clean", "noisy", "denoised"])
-        files.append(path)
-        if not final:
-            return
-        rows = [x[:4] + s * eps[:4] for s in SIGMAS]  # 7 x (4, 1, 28, 28)
-        cols = [img for r in rows for img in (r, fast(r))]  # noisy then denoised, per sigma
-        grid = torch.stack(cols, 1).flatten(0, 1)  # (4 * 14, 1, 28, 28): one row per digit
-        path = os.path.join(args.out_dir, "part1_ood.png")
-        save_grid(path, grid, 14, f"Part 1 out of distribution: noisy and denoised at each sigma (trained at "
-                  f"{args.sigma})", [f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)])
-        files.append(path)
+# --------------------------------------------------------------------------- command line
+DEFAULTS = {1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part: the spec's
+            2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1)}  # measured, docs/results.md
+PRESETS = {"spec": {}, "best": dict(lr_decay=1.0, ema=0.995, clip_x0=True)}  # docs/results.md
 
+def checked(convert, ok, what: str):
+    """An argparse type= function: convert the text, then refuse the value if ok(value) is False."""
+    def parse(text: str):
+        if not ok(v := convert(text)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return v
+    return parse
 
-def denoiser_mse(fast, test_x: torch.Tensor, sigma: float, seed: int, amp: bool = False) -> tuple:
-    """Mean squared error to the clean test set: (denoised, noisy input), noise fixed by seed."""
-    fast.eval()
-    g, err, err_noisy = torch.Generator().manual_seed(seed), 0.0, 0.0
-    with torch.no_grad(), torch.autocast(test_x.device.type, torch.bfloat16, enabled=amp):
-        for x in test_x.split(1000):
-            z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
-            err += F.mse_loss(fast(z).float(), x, reduction="sum").item()
-            err_noisy += F.mse_loss(z, x, reduction="sum").item()
-    return err / test_x.numel(), err_noisy / test_x.numel()
+def device_name(name: str) -> str:
+    """--device: auto picks cuda, then mps, then cpu; a device that is not here is refused."""
+    mps = torch.backends.mps.is_available()
+    auto = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name not in ("auto", "cpu", auto):
+        raise argparse.ArgumentTypeError(f"{name} is not available here (auto finds {auto})")
+    return auto if name == "auto" else name
 
+count = checked(int, lambda v: v >= 1, "an integer >= 1")
+number = checked(float, math.isfinite, "a finite number")
+between = lambda lo, hi: checked(float, lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}]")
 
-def evaluate_part1(net, test_x: torch.Tensor, args) -> str:
-    """--eval: test-set PSNR (peak 1) of the denoiser and of its noisy input at each sigma of SIGMAS."""
-    rows = {}
-    for s in SIGMAS:
-        mse, mse_noisy = denoiser_mse(net, test_x, s, args.seed, args.amp)
-        rows[f"sigma={s:g}"] = dict(psnr=-10 * math.log10(mse), psnr_noisy=-10 * math.log10(mse_noisy) if s else None)
-    print("   sigma | PSNR denoised | PSNR noisy input")
-    for name, r in rows.items():
-        print(f"{name[6:]:>8} | {r['psnr']:10.2f} dB | " + (f"{r['psnr_noisy']:.2f} dB" if r["psnr_noisy"] else "-"))
-    return write_json(os.path.join(args.out_dir, "part1_eval.json"), trained_sigma=args.sigma, args=vars(args), rows=rows)
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+def get_args(argv=None) -> argparse.Namespace:
+    """Parse flags: argv=None reads sys.argv (never a kernel's), a list works in a notebook."""
+    p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance, MNIST")
+    g = p.add_argument_group("run")
 
-def run_part1(args, device: torch.device, ckpt_path: str) -> list:
-    """Train the one-step denoiser (or load it) and write Part 1's pictures."""
-    test_x, _ = load_mnist(args.data_dir, False, device)
-    files = [os.path.join(args.out_dir, "part1_noising.png")]
-    x, g = test_x[:8], torch.Generator().manual_seed(args.seed)
-    eps = torch.randn(x.shape, generator=g).to(device)
-    noised = torch.stack([x + s * eps for s in SIGMAS], 1).flatten(0, 1)  # (8 * 7, 1, 28, 28): digit per row
-    save_grid(files[0], noised, 7, "Part 1: z = x + sigma * eps", col_labels=[f"sigma={s}" for s in SIGMAS])
-    model, fast, loss_fn, _, ema = build(args, device)
-    net = fast if ema is None else ema.module  # what pictures and --eval use
-    if args.sample_only:
-        epoch = load_model(model, ema, ckpt_path, 1)
-        denoise_pictures(net, test_x, args, files, epoch, final=True)
-    else:
-        data = load_mnist(args.data_dir, True, device, args.limit)
+    def add(flag: str, help: str, default=None, **kw):  # the help states the default
+        shown = "" if default is None or "default:" in help else f" (default: {default})"
+        g.add_argument(flag, default=default, help=help + shown, **kw)
 
-        def on_epoch_end(epoch, losses, net):
-            path = os.path.join(args.out_dir, "part1_loss.png")
-            save_loss_plot(path, losses, f"Part 1 loss, D={args.hidden}, sigma={args.sigma}, batch "
-                           f"{args.batch_size}, lr {args.lr:g}", math.ceil(len(data[0]) / args.batch_size))
-            if epoch == 1 or epoch == args.epochs:
-                denoise_pictures(net, test_x, args, files, epoch, final=epoch == args.epochs)
-            files.append(path)
+    add("--part", "1: one-step denoiser, 2: DDPM", 1, type=int, choices=[1, 2])
+    add("--preset", "best: --lr-decay 1 --ema --clip-x0", "spec", choices=PRESETS)
+    add("--epochs", "training epochs (default: 5 or 20 by part)", type=count, metavar="N")
+    add("--batch-size", "batch size (default: 256 or 128 by part)", type=count, metavar="N")
+    add("--lr", "Adam's learning rate (default: 1e-4 or 1e-3 by part)", type=between(1e-12, 1e3))
+    add("--lr-decay", "the lr decays exponentially to F * lr over the run (default: 1 or 0.1 by "
+        "part)", type=between(1e-12, 1), metavar="F")
+    add("--hidden", "UNet width D", 128, type=count, metavar="D")
+    add("--ema", "an EMA of the weights for pictures and --eval, 0: none (default: off; DECAY "
+        "0.995)", type=between(0, 0.999999), nargs="?", const=0.995, metavar="DECAY")
+    add("--seed", "random seed", 0, type=int)
+    add("--device", "auto picks cuda, mps or cpu", "auto", type=device_name)
+    add("--data-dir", "torchvision's MNIST root", "data", metavar="DIR")
+    add("--out-dir", "where a run writes", "out", metavar="DIR",
+        type=checked(str, lambda d: not os.path.isfile(d), "a folder, but a file"))
+    add("--limit", "train on the first N images (default: all)", type=count, metavar="N")
+    add("--resume", "continue from OUT_DIR/partN.pt", False, action="store_true")
+    add("--compile", "torch.compile with CUDA graphs (faster on CUDA)", False, action="store_true")
+    add("--benchmark", "time 20 training steps, then exit", False, action="store_true")
+    g = p.add_argument_group("part 1")
+    add("--sigma", "training noise level", 0.5, type=between(0, 1e3))
+    g = p.add_argument_group("part 2")
+    add("--method", "ddpm: predict eps (the spec); flow: rectified flow", "ddpm",
+        choices=["ddpm", "flow"])
+    add("--num-ts", "diffusion steps T", 300, type=count, metavar="T")
+    add("--p-uncond", "class dropout probability", 0.1, type=between(0, 1), metavar="P")
+    add("--sample-only", "the final pictures of OUT_DIR/part2.pt", False, action="store_true")
+    add("--guidance-scale", "CFG gamma of the grids", 5.0, type=number, metavar="G")
+    add("--gammas", "gammas of the final sweep and --eval", [0.0, 1.0, 3.0, 5.0, 10.0],
+        type=lambda s: [number(v) for v in s.split(",")], metavar="G,G")
+    add("--sample-steps", "ddpm: K < T is the strided sampler, K >= T the spec's; flow: K Euler "
+        "steps (default: T)", type=count, metavar="K")
+    add("--clip-x0", "ddpm: clip the predicted x_0 to [0, 1]", False, action="store_true")
+    add("--eval", "score the final model: Part 1 PSNR per sigma, Part 2 a classifier's verdict on "
+        "N samples per digit (default: off; N 20)", type=count, nargs="?", const=20)
+    argv = [] if argv is None and "ipykernel" in sys.modules else argv
+    first = p.parse_args(argv)
+    p.set_defaults(**{**DEFAULTS[first.part], **PRESETS[first.preset]})
+    return p.parse_args(argv)  # flags given win over these defaults
 
-        train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
-    mse, mse_noisy = denoiser_mse(net, test_x, args.sigma, args.seed, args.amp)
-    print(f"test MSE at sigma {args.sigma}: denoised {mse:.4f}, noisy input {mse_noisy:.4f}")
-    return files + ([evaluate_part1(net, test_x, args)] if args.eval else [])
-
-
-# --------------------------------------------------------------------------- part 2
-def sample_pictures(net, schedule: dict, args, device: torch.device, epoch: int, files: list, final: bool) -> None:
-    """The 4 x 10 grid (4 of each digit, one column per digit); after the last epoch also the guidance
-    sweep (2 rows per gamma of --gammas, same seed) and the sampling GIF of the grid's first 2 rows."""
-    c = torch.arange(10, device=device).repeat(4)  # (40,): row r, column j is digit j
-    digits, gamma = [str(j) for j in range(10)], args.guidance_scale
-    x, caches = sample(net, c, schedule, args, gamma)
-    path = os.path.join(args.out_dir, f"part2_samples_epoch{epoch:02d}.png")
-    save_grid(path, x, 10, f"Part 2 samples after epoch {epoch}, gamma {gamma:g}", digits)
-    files.append(path)
-    if not final:
-        return
-    xs = [sample(net, c[:20], schedule, args, g)[0] for g in args.gammas]  # len(gammas) x (20, 1, 28, 28)
-    path = os.path.join(args.out_dir, "part2_guidance.png")
-    labels = [f"gamma={g:g}" if r == 0 else "" for g in args.gammas for r in range(2)]
-    save_grid(path, torch.cat(xs), 10, "Part 2: classifier-free guidance scale, same seed", digits, labels)
-    path_gif = os.path.join(args.out_dir, "part2_sampling.gif")
-    frames = [grid_image(f[:20], 10, f"Part 2 {args.method} sampling, gamma {gamma:g}", digits, scale=2)
-              for f in caches + [x]]  # from pure noise to the final digits
-    frames = [f.point(lambda v: v // 16 * 17) for f in frames]  # 16 grey levels: a file several times smaller
-    frames[0].save(path_gif, save_all=True, append_images=frames[1:], loop=0, optimize=True,
-                   duration=[80] * (len(frames) - 1) + [2500])  # 12.5 frames/s, the final digits held 2.5 s
-    files += [path, path_gif]
-
-
-def run_part2(args, device: torch.device, ckpt_path: str) -> list:
-    """Train the class-conditioned DDPM or flow (or load it) and write Part 2's pictures."""
-    model, fast, loss_fn, schedule, ema = build(args, device)
-    net, files = fast if ema is None else ema.module, []  # net: what pictures and --eval use
-    if args.sample_only:
-        epoch = load_model(model, ema, ckpt_path, 2)
-        sample_pictures(net, schedule, args, device, epoch, files, final=True)
-    else:
-        data = load_mnist(args.data_dir, True, device, args.limit)
-        steps_per_epoch = math.ceil(len(data[0]) / args.batch_size)
-
-        def on_epoch_end(epoch, losses, net):
-            path = os.path.join(args.out_dir, "part2_loss.png")
-            lr = f"lr {args.lr:g}" + (f" decaying to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
-            save_loss_plot(path, losses, f"Part 2 {args.method} loss, D={args.hidden}, batch {args.batch_size}, "
-                           f"{lr}", steps_per_epoch)
-            files.append(path)
-            if epoch in (1, 5, 10, 15, 20, args.epochs):
-                sample_pictures(net, schedule, args, device, epoch, files, final=epoch == args.epochs)
-
-        train(args, model, fast, loss_fn, ema, data, ckpt_path, on_epoch_end)
-    return files + ([evaluate_part2(net, schedule, args, device)] if args.eval else [])
-
-
-# --------------------------------------------------------------------------- benchmark
-def sync(device: torch.device) -> None:
-    """Wait for the device, so that wall-clock times measure finished work."""
-    if device.type in ("cuda", "mps"):
-        getattr(torch, device.type).synchronize()
-
-
-def benchmark(args, device: torch.device) -> None:
-    """Time --bench-steps training steps of the part's model on random data and, for Part 2, one 40-digit
-    sampling pass; print name=value lines, the projected time of a full run last."""
-    model, fast, loss_fn, schedule, _ = build(args, device)
-    opt = make_optimizer(model, args)
+def benchmark(args, device: torch.device) -> list:
+    """Time 20 training steps on random data; print name=value lines, the projected run last."""
+    model, fast, loss_fn, _, _ = build(args, device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     x = torch.rand(args.batch_size, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    y = torch.arange(args.batch_size, device=device) % 10
+    steps = lambda k: [train_step(fast, opt, loss_fn, x, y) for _ in range(k)][-1].item()  # waits
+    steps(3)  # warm-up: kernels chosen, --compile compiles
     t0 = time.time()
-    for _ in range(5):  # warm-up: kernels chosen, and compiled with --compile
-        train_step(fast, opt, loss_fn, x, y, args.amp)
-    sync(device)
-    print(f"warmup_s={time.time() - t0:.2f}")
-    t0 = time.time()
-    for _ in range(args.bench_steps):
-        train_step(fast, opt, loss_fn, x, y, args.amp)
-    sync(device)
-    train_rate = args.bench_steps * args.batch_size / (time.time() - t0)
-    print(f"train_img_per_s={train_rate:.1f}")
-    projected = args.epochs * 60000 / train_rate
-    if args.part == 2:
-        c = torch.arange(10, device=device).repeat(4)  # the 40-digit grid
-        sample(fast, c, schedule, args, args.guidance_scale)  # warm-up at the sampling batch size
-        sync(device)
-        t0 = time.time()
-        sample(fast, c, schedule, args, args.guidance_scale)
-        sync(device)
-        sample_s = time.time() - t0
-        print(f"sample_img_per_s={40 / sample_s:.1f}")
-        print(f"sample_grid_s={sample_s:.2f}")
-        projected += (len({1, 5, 10, 15, 20, args.epochs} & set(range(1, args.epochs + 1))) + 2) * sample_s
-    print(f"projected_{args.epochs}_epoch_s={projected:.1f}")
+    steps(20)
+    rate = 20 * args.batch_size / (time.time() - t0)
+    print(f"train_img_per_s={rate:.1f}")
+    print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / rate:.1f}")
+    return []
 
-
-# --------------------------------------------------------------------------- main
 def main(argv=None) -> list:
-    """Run one part with the given flags (a list, as on the command line); return the files written."""
+    """Run one part with the given flags (a list, as on the command line); return the files."""
     args = get_args(argv)
-    device = get_device(args.device)
+    device, ckpt_path, ckpt = torch.device(args.device), f"{args.out_dir}/part{args.part}.pt", None
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"part{args.part}.pt")
     if not args.benchmark and (args.sample_only or (args.resume and os.path.exists(ckpt_path))):
-        saved = load_checkpoint(ckpt_path, args.part)["args"]  # the model and schedule of the file
-        for k in ("hidden", "num_ts", "beta1", "beta2", "arch", "method", "pm1"):
-            setattr(args, k, saved.get(k, getattr(args, k)))
-        args.ema = saved.get("ema") if args.ema is None else args.ema  # --ema 0 samples with the raw weights
-    args.sample_steps = args.sample_steps or args.num_ts
-    if args.method == "ddpm":
-        args.sample_steps = min(args.sample_steps, args.num_ts)  # a checkpoint's T may be smaller
-    print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch={args.batch_size} "
-          f"lr={args.lr:g} method={args.method} arch={args.arch} ema={args.ema} pm1={args.pm1} "
-          f"clip_x0={args.clip_x0} amp={args.amp} channels_last={args.channels_last} compile={args.compile}")
+        ckpt = load_checkpoint(ckpt_path, args.part)  # the model and schedule come from the file
+        for k in ("hidden", "num_ts", "method") + (("ema",) if args.ema is None else ()):
+            setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
+    elif args.resume:
+        print(f"no checkpoint at {ckpt_path}; starting from scratch")
+    print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch="
+          f"{args.batch_size} lr={args.lr:g} {args.method} ema={args.ema} clip_x0={args.clip_x0}")
     if args.benchmark:
-        benchmark(args, device)
-        return []
+        return benchmark(args, device)
     os.makedirs(args.out_dir, exist_ok=True)
-    t0 = time.time()
+    built = model, fast, loss_fn, schedule, ema = build(args, device)
+    test, files, t0 = load_mnist(args.data_dir, False, device), [], time.time()
+    net = fast if ema is None else ema.module  # what pictures and --eval use
+    pictures = lambda net, epoch, final: (part1_pictures(net, test[0], args, epoch, final)
+                                          if args.part == 1 else
+                                          part2_pictures(net, schedule, args, epoch, final))
+    data = None if args.sample_only else load_mnist(args.data_dir, True, device, args.limit)
+    lr = f"lr {args.lr:g}" + (f" to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
+    title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, {lr}, " + (
+        f"sigma {args.sigma}" if args.part == 1 else args.method)
+
+    def on_epoch_end(epoch: int, losses: list, net) -> None:
+        plot = loss_plot(losses, title, math.ceil(len(data[0]) / args.batch_size))
+        files.extend(save(args.out_dir, {f"part{args.part}_loss.png": plot}))
+        if epoch in (1, 5, 10, 15, 20, args.epochs):
+            final = epoch == args.epochs
+            files.extend(save(args.out_dir, pictures(net, epoch, final), show=final))
+
     try:
-        files = (run_part1 if args.part == 1 else run_part2)(args, device, ckpt_path)
+        if args.sample_only:
+            restore(ckpt, ckpt_path, model, ema)
+            files += save(args.out_dir, pictures(net, ckpt["epoch"], True), show=True)
+        else:
+            train(args, built, data, ckpt, ckpt_path, on_epoch_end)
+        if args.part == 2 and args.eval:
+            files += save(args.out_dir, evaluate_part2(net, schedule, args, test))
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: {ckpt_path} holds the last finished epoch; add --resume to continue from it")
+        sys.exit(f"interrupted: {ckpt_path} holds the last finished epoch; --resume continues")
     files = sorted(set(files))
     print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files under {args.out_dir}: "
           + ", ".join(os.path.basename(f) for f in files))
