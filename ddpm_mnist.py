@@ -1,19 +1,18 @@
 """ddpm_mnist.py: diffusion models from scratch on MNIST, in one file.
 
-Part 1 trains a UNet to denoise a digit in one step (z = x + sigma * eps -> x). Part 2 trains a
-class-conditioned DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) that predicts the noise
-in x_t from (x_t, t, c) and samples digits of a chosen class with classifier-free guidance (Ho &
-Salimans 2022, https://arxiv.org/abs/2207.12598). Beyond the spec, behind flags: a strided sampler,
-rectified flow, an EMA of the weights, x0 clipping, and --eval, a number for sample quality.
+Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-conditioned DDPM (Ho et
+al. 2020, arXiv 2006.11239) and samples digits of a chosen class with classifier-free guidance (Ho &
+Salimans 2022, arXiv 2207.12598). Beyond the spec, behind flags: a fast sampler, rectified flow, x0
+clipping, and --eval, a number for sample quality.
 
     pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
-In a notebook, paste this file into a cell and run main(["--part", "2"]): pictures show inline.
-With the defaults on one NVIDIA H200, Part 1 takes about 25 s (test MSE 0.008 at sigma 0.5, against
-0.25 for the noisy input) and Part 2 about 2 minutes (every digit of the final grid of the requested
-class). On a CPU, try --hidden 32 --epochs 2 first (about 20 minutes on 2 cores).
+In a notebook, paste this file into a cell and run main(["--part", "2"]); pictures show inline. On
+one NVIDIA H200, Part 1 takes 25 s (test MSE 0.008 at sigma 0.5; the noisy input's is 0.25) and Part
+2 about 2 minutes (all 40 digits of the final grid of the class asked for). On 2 CPU cores, try
+--hidden 32 --epochs 2 first (about 20 minutes).
 """
 
 import argparse
@@ -29,43 +28,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 
 # --------------------------------------------------------------------------- Part 1: the UNet
-class Conv(nn.Sequential):  # (Din, H, W) -> (Dout, H, W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
+# The spec's operations, each a function that returns its layers (figures/atomic_ops_new.png).
+def Conv(cin: int, cout: int) -> nn.Sequential:  # (Din, H, W) -> (Dout, H, W)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
 
-class DownConv(nn.Sequential):  # (Din, H, W) -> (Dout, H/2, W/2)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+def DownConv(cin: int, cout: int) -> nn.Sequential:  # (Din, H, W) -> (Dout, H/2, W/2)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
-class UpConv(nn.Sequential):  # (Din, H, W) -> (Dout, 2H, 2W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
+def UpConv(cin: int, cout: int) -> nn.Sequential:  # (Din, H, W) -> (Dout, 2H, 2W)
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.GELU())
 
-class Flatten(nn.Sequential):  # (D, 7, 7) -> (D, 1, 1)
-    def __init__(self):
-        super().__init__(nn.AvgPool2d(7), nn.GELU())
+def Flatten() -> nn.Sequential:  # (D, 7, 7) -> (D, 1, 1)
+    return nn.Sequential(nn.AvgPool2d(7), nn.GELU())
 
-class Unflatten(nn.Sequential):  # (D, 1, 1) -> (D, 7, 7)
-    def __init__(self, c: int):
-        super().__init__(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
+def Unflatten(c: int) -> nn.Sequential:  # (D, 1, 1) -> (D, 7, 7)
+    return nn.Sequential(nn.ConvTranspose2d(c, c, 7, 7, 0), nn.BatchNorm2d(c), nn.GELU())
 
-class ConvBlock(nn.Sequential):  # Conv -> Conv: (Din, H, W) -> (Dout, H, W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(Conv(cin, cout), Conv(cout, cout))
+def ConvBlock(cin: int, cout: int) -> nn.Sequential:  # Conv, Conv: -> (Dout, H, W)
+    return nn.Sequential(Conv(cin, cout), Conv(cout, cout))
 
-class DownBlock(nn.Sequential):  # DownConv -> ConvBlock: (Din, H, W) -> (Dout, H/2, W/2)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(DownConv(cin, cout), ConvBlock(cout, cout))
+def DownBlock(cin: int, cout: int) -> nn.Sequential:  # DownConv, ConvBlock: -> (Dout, H/2, W/2)
+    return nn.Sequential(DownConv(cin, cout), ConvBlock(cout, cout))
 
-class UpBlock(nn.Sequential):  # UpConv -> ConvBlock: (Din, H, W) -> (Dout, 2H, 2W)
-    def __init__(self, cin: int, cout: int):
-        super().__init__(UpConv(cin, cout), ConvBlock(cout, cout))
+def UpBlock(cin: int, cout: int) -> nn.Sequential:  # UpConv, ConvBlock: -> (Dout, 2H, 2W)
+    return nn.Sequential(UpConv(cin, cout), ConvBlock(cout, cout))
 
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
@@ -98,9 +89,8 @@ def denoise_loss(unet: nn.Module, x: torch.Tensor, sigma: float) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
-class FCBlock(nn.Sequential):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
-    def __init__(self, fin: int, fout: int):
-        super().__init__(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
+def FCBlock(fin: int, fout: int) -> nn.Sequential:  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
+    return nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
@@ -235,20 +225,6 @@ def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, gamma: float)
         return ddim_sample(unet, c, (28, 28), schedule, T, gamma, steps=K, **kw)
     return ddpm_sample(unet, c, (28, 28), schedule, T, gamma, **kw)
 
-@torch.no_grad()
-def update_bn(net: nn.Module, loss_fn, data: tuple, batch_size: int, num_batches: int = 32):
-    """Re-estimate BatchNorm statistics for EMA weights (averaged ones do not fit them)."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches
-    (x, y), dev, _ = data, data[0].device, net.train()
-    with torch.random.fork_rng([] if dev.type == "cpu" else [dev], device_type=dev.type):
-        for idx in batches(len(x), batch_size, dev)[:num_batches]:  # the run's RNG is untouched
-            loss_fn(net, x[idx], y[idx])
-    for m in bns:
-        m.momentum = 0.1
-
 
 # --------------------------------------------------------------------------- training
 def load_mnist(root: str, train: bool, device: torch.device, limit=None) -> tuple:
@@ -269,7 +245,7 @@ def batches(n: int, batch_size: int, device: torch.device) -> list:
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 def build(args, device: torch.device) -> tuple:
-    """The part's model, the callable that trains it, loss_fn(net, x, y), schedule and EMA."""
+    """The part's model, the callable that trains it, loss_fn(net, x, y) and the DDPM schedule."""
     D = args.hidden
     model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
     schedule = {k: v.to(device) for k, v in ddpm_schedule(1e-4, 0.02, args.num_ts).items()}
@@ -280,9 +256,8 @@ def build(args, device: torch.device) -> tuple:
     else:
         loss_fn = lambda net, x, y: ddpm_forward(net, schedule, x, y, args.p_uncond, args.num_ts)
     model = model.to(device, memory_format=torch.channels_last)  # faster wherever measured
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
     fast = torch.compile(model, mode="reduce-overhead") if args.compile else model
-    return model, fast, loss_fn, schedule, ema
+    return model, fast, loss_fn, schedule
 
 def load_checkpoint(path: str, part: int) -> dict:
     """Read a checkpoint with weights_only=True; any problem is a one-line error."""
@@ -296,17 +271,6 @@ def load_checkpoint(path: str, part: int) -> dict:
         sys.exit(f"error: {path} is not a Part {part} checkpoint of this script")
     return ckpt
 
-def restore(ckpt: dict, path: str, model: nn.Module, ema) -> None:
-    """Load a checkpoint's weights into the model, and its EMA weights into ema if not None."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-    except RuntimeError:
-        sys.exit(f"error: {path} holds weights of another architecture than this model")
-    except KeyError:
-        sys.exit(f"error: {path} holds no EMA weights (drop --ema, or pass --ema 0)")
-
 def train_step(net, opt, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimizer step; returns the loss without waiting for the device."""
     torch.compiler.cudagraph_mark_step_begin()  # --compile: a new step's CUDA graphs
@@ -318,11 +282,10 @@ def train_step(net, opt, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -> None:
     """The loop both parts share, resumed from ckpt if given: on_epoch_end(), then a checkpoint."""
-    (model, fast, loss_fn, _, ema), (train_x, train_y) = built, data
+    (model, fast, loss_fn, _), (train_x, train_y) = built, data
     n, steps, start, losses = len(train_x), math.ceil(len(train_x) / args.batch_size), 1, []
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=train_x.is_cuda)
-    if ckpt is not None:
-        restore(ckpt, ckpt_path, model, ema)
+    if ckpt is not None:  # the weights are loaded already
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -336,8 +299,6 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
         epoch_losses, t_epoch, t_print = [], time.time(), time.time()
         for i, idx in enumerate(batches(n, args.batch_size, train_x.device)):
             epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx]))
-            if ema is not None:
-                ema.update_parameters(model)  # W_ema <- decay W_ema + (1 - decay) W
             if time.time() - t_print > 5 or i + 1 == steps:
                 done, t_print = min((i + 1) * args.batch_size, n), time.time()
                 rate = done / (t_print - t_epoch)  # images per second in this epoch
@@ -345,14 +306,12 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
                 print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
                       f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
         losses += torch.stack(epoch_losses).float().tolist()
-        if ema is not None:
-            update_bn(ema.module, loss_fn, data, args.batch_size)
-        on_epoch_end(epoch, losses, fast if ema is None else ema.module)  # an interrupt here
+        on_epoch_end(epoch, losses)  # an interrupt here
         rng = {"cpu": torch.get_rng_state(),  # leaves no checkpoint: --resume repeats this epoch
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
                      args=vars(args), rng=rng, losses=losses)
-        torch.save(state | ({} if ema is None else {"ema": ema.state_dict()}), ckpt_path + ".tmp")
+        torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted save keeps the old file
 
 
@@ -465,25 +424,13 @@ def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
 
-class Classifier(nn.Module):
-    """The judge of --eval: a small CNN, (N, 1, 28, 28) -> features (N, 64) and logits (N, 10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> tuple:
-        f = torch.cat([self.features(b) for b in x.split(1000)])  # (N, 64), in chunks of 1000
-        return f, self.head(f)
-
-def get_classifier(args, test: tuple) -> Classifier:
-    """The judge: one epoch of Adam on the training set, seed 0, cached as OUT_DIR/classifier.pt."""
+def get_classifier(args, test: tuple) -> nn.Sequential:
+    """The judge of --eval, a small CNN trained for one epoch (seed 0), cached as classifier.pt."""
     path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
     torch.manual_seed(0)
-    clf = Classifier().to(device)
+    clf = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
     try:
         clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return clf.eval().requires_grad_(False)
@@ -491,13 +438,18 @@ def get_classifier(args, test: tuple) -> Classifier:
         print(f"eval classifier: training one, {path} is {type(e).__name__}")
     (train_x, train_y), t0 = load_mnist(args.data_dir, True, device), time.time()
     opt, g = torch.optim.Adam(clf.parameters(), lr=1e-3), torch.Generator(device).manual_seed(0)
-    loss_fn = lambda net, x, y: F.cross_entropy(net(x)[1], y)
+    loss_fn = lambda net, x, y: F.cross_entropy(net(x), y)
     for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
         train_step(clf, opt, loss_fn, train_x[idx], train_y[idx])
-    acc = (clf.eval().requires_grad_(False)(test[0])[1].argmax(1) == test[1]).float().mean().item()
+    acc = (judge(clf.eval().requires_grad_(False), *test)[1].argmax(1) == test[1]).float().mean()
     print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}")
     torch.save(clf.state_dict(), path)
     return clf
+
+def judge(clf: nn.Sequential, x: torch.Tensor, y=None) -> tuple:
+    """The classifier's features clf[:-1] (N, 64) and logits (N, 10) of images (N, 1, 28, 28)."""
+    f = torch.cat([clf[:-1](b) for b in x.clamp(0, 1).split(1000)])
+    return f, clf[-1](f)
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
@@ -513,14 +465,14 @@ def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
     """--eval N: the classifier's verdict on N samples per digit at each of --gammas and on N real
     test digits per digit: accuracy, mean probability of the digit asked for, Frechet distance."""
     (test_x, test_y), clf = test, get_classifier(args, test)
-    ref, rows = clf(test_x)[0], {}  # (10000, 64): the test set's features
+    ref, rows = judge(clf, test_x)[0], {}  # (10000, 64): the test set's features
     real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N per digit
     c = torch.arange(10, device=test_x.device).repeat(args.eval)  # (10 N,)
     print(f"{'samples':>12} | accuracy | confidence | frechet | accuracy per digit 0-9")
     for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
         x, y = (test_x[real], test_y[real]) if name == "real" else (
             sample(net, c, schedule, args, float(name[6:]))[0], c)
-        f, logits = clf(x.clamp(0, 1))  # (N, 64), (N, 10)
+        f, logits = judge(clf, x)  # (N, 64), (N, 10)
         hit, p = (logits.argmax(1) == y).float(), F.softmax(logits, 1)[torch.arange(len(y)), y]
         rows[name] = r = dict(accuracy=hit.mean().item(), confidence=p.mean().item(),
                               frechet=frechet_distance(f, ref),
@@ -533,7 +485,6 @@ def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
 # --------------------------------------------------------------------------- command line
 DEFAULTS = {1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part: the spec's
             2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1)}  # measured, docs/results.md
-PRESETS = {"spec": {}, "best": dict(lr_decay=1.0, ema=0.995, clip_x0=True)}  # docs/results.md
 
 def checked(convert, ok, what: str):
     """An argparse type= function: convert the text, then refuse the value if ok(value) is False."""
@@ -542,14 +493,6 @@ def checked(convert, ok, what: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return v
     return parse
-
-def device_name(name: str) -> str:
-    """--device: auto picks cuda, then mps, then cpu; a device that is not here is refused."""
-    mps = torch.backends.mps.is_available()
-    auto = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name not in ("auto", "cpu", auto):
-        raise argparse.ArgumentTypeError(f"{name} is not available here (auto finds {auto})")
-    return auto if name == "auto" else name
 
 count = checked(int, lambda v: v >= 1, "an integer >= 1")
 number = checked(float, math.isfinite, "a finite number")
@@ -563,23 +506,22 @@ def get_args(argv=None) -> argparse.Namespace:
     """Parse flags: argv=None reads sys.argv (never a kernel's), a list works in a notebook."""
     p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance, MNIST")
     g = p.add_argument_group("run")
+    devices = [d for d, ok in [("cuda", torch.cuda.is_available()),
+                               ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok]
 
     def add(flag: str, help: str, default=None, **kw):  # the help states the default
         shown = "" if default is None or "default:" in help else f" (default: {default})"
         g.add_argument(flag, default=default, help=help + shown, **kw)
 
     add("--part", "1: one-step denoiser, 2: DDPM", 1, type=int, choices=[1, 2])
-    add("--preset", "best: --lr-decay 1 --ema --clip-x0", "spec", choices=PRESETS)
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count, metavar="N")
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count, metavar="N")
     add("--lr", "Adam's learning rate (default: 1e-4 or 1e-3 by part)", type=between(1e-12, 1e3))
     add("--lr-decay", "the lr decays exponentially to F * lr over the run (default: 1 or 0.1 by "
         "part)", type=between(1e-12, 1), metavar="F")
     add("--hidden", "UNet width D", 128, type=count, metavar="D")
-    add("--ema", "an EMA of the weights for pictures and --eval, 0: none (default: off; DECAY "
-        "0.995)", type=between(0, 0.999999), nargs="?", const=0.995, metavar="DECAY")
     add("--seed", "random seed", 0, type=int)
-    add("--device", "auto picks cuda, mps or cpu", "auto", type=device_name)
+    add("--device", "the first available of cuda, mps, cpu", devices[0], choices=devices)
     add("--data-dir", "torchvision's MNIST root", "data", metavar="DIR")
     add("--out-dir", "where a run writes", "out", metavar="DIR",
         type=checked(str, lambda d: not os.path.isfile(d), "a folder, but a file"))
@@ -604,24 +546,8 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--eval", "score the final model: Part 1 PSNR per sigma, Part 2 a classifier's verdict on "
         "N samples per digit (default: off; N 20)", type=count, nargs="?", const=20)
     argv = [] if argv is None and "ipykernel" in sys.modules else argv
-    first = p.parse_args(argv)
-    p.set_defaults(**{**DEFAULTS[first.part], **PRESETS[first.preset]})
-    return p.parse_args(argv)  # flags given win over these defaults
-
-def benchmark(args, device: torch.device) -> list:
-    """Time 20 training steps on random data; print name=value lines, the projected run last."""
-    model, fast, loss_fn, _, _ = build(args, device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    x = torch.rand(args.batch_size, 1, 28, 28, device=device)
-    y = torch.arange(args.batch_size, device=device) % 10
-    steps = lambda k: [train_step(fast, opt, loss_fn, x, y) for _ in range(k)][-1].item()  # waits
-    steps(3)  # warm-up: kernels chosen, --compile compiles
-    t0 = time.time()
-    steps(20)
-    rate = 20 * args.batch_size / (time.time() - t0)
-    print(f"train_img_per_s={rate:.1f}")
-    print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / rate:.1f}")
-    return []
+    p.set_defaults(**DEFAULTS[p.parse_args(argv).part])
+    return p.parse_args(argv)  # flags given win over these per-part defaults
 
 def main(argv=None) -> list:
     """Run one part with the given flags (a list, as on the command line); return the files."""
@@ -631,41 +557,55 @@ def main(argv=None) -> list:
     torch.manual_seed(args.seed)
     if not args.benchmark and (args.sample_only or (args.resume and os.path.exists(ckpt_path))):
         ckpt = load_checkpoint(ckpt_path, args.part)  # the model and schedule come from the file
-        for k in ("hidden", "num_ts", "method") + (("ema",) if args.ema is None else ()):
+        for k in ("hidden", "num_ts", "method"):
             setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     elif args.resume:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
     print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch="
-          f"{args.batch_size} lr={args.lr:g} {args.method} ema={args.ema} clip_x0={args.clip_x0}")
-    if args.benchmark:
-        return benchmark(args, device)
+          f"{args.batch_size} lr={args.lr:g} {args.method} clip_x0={args.clip_x0}")
+    built = model, fast, loss_fn, schedule = build(args, device)
+    if args.benchmark:  # time 20 training steps on random data, after 3 warm-up steps
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        x = torch.rand(args.batch_size, 1, 28, 28, device=device)
+        y = torch.arange(args.batch_size, device=device) % 10
+        steps = lambda k: [train_step(fast, opt, loss_fn, x, y) for _ in range(k)][-1].item()
+        steps(3)  # warm-up: kernels chosen, --compile compiles; .item() waits for the device
+        t0 = time.time()
+        steps(20)
+        rate = 20 * args.batch_size / (time.time() - t0)
+        print(f"train_img_per_s={rate:.1f}")
+        print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / rate:.0f}")
+        return []
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            sys.exit(f"error: {ckpt_path} holds weights of another architecture than this model")
     os.makedirs(args.out_dir, exist_ok=True)
-    built = model, fast, loss_fn, schedule, ema = build(args, device)
     test, files, t0 = load_mnist(args.data_dir, False, device), [], time.time()
-    net = fast if ema is None else ema.module  # what pictures and --eval use
-    pictures = lambda net, epoch, final: (part1_pictures(net, test[0], args, epoch, final)
-                                          if args.part == 1 else
-                                          part2_pictures(net, schedule, args, epoch, final))
     data = None if args.sample_only else load_mnist(args.data_dir, True, device, args.limit)
     lr = f"lr {args.lr:g}" + (f" to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
     title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, {lr}, " + (
         f"sigma {args.sigma}" if args.part == 1 else args.method)
 
-    def on_epoch_end(epoch: int, losses: list, net) -> None:
+    def pictures(epoch: int, final: bool) -> list:  # the part's pictures, inline when final
+        out = (part1_pictures(fast, test[0], args, epoch, final) if args.part == 1 else
+               part2_pictures(fast, schedule, args, epoch, final))
+        return save(args.out_dir, out, show=final)
+
+    def on_epoch_end(epoch: int, losses: list) -> None:
         plot = loss_plot(losses, title, math.ceil(len(data[0]) / args.batch_size))
         files.extend(save(args.out_dir, {f"part{args.part}_loss.png": plot}))
         if epoch in (1, 5, 10, 15, 20, args.epochs):
-            final = epoch == args.epochs
-            files.extend(save(args.out_dir, pictures(net, epoch, final), show=final))
+            files.extend(pictures(epoch, epoch == args.epochs))
 
     try:
         if args.sample_only:
-            restore(ckpt, ckpt_path, model, ema)
-            files += save(args.out_dir, pictures(net, ckpt["epoch"], True), show=True)
+            files += pictures(ckpt["epoch"], True)
         else:
             train(args, built, data, ckpt, ckpt_path, on_epoch_end)
         if args.part == 2 and args.eval:
-            files += save(args.out_dir, evaluate_part2(net, schedule, args, test))
+            files += save(args.out_dir, evaluate_part2(fast, schedule, args, test))
     except KeyboardInterrupt:
         sys.exit(f"interrupted: {ckpt_path} holds the last finished epoch; --resume continues")
     files = sorted(set(files))

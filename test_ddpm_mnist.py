@@ -283,10 +283,10 @@ def test_tiny_model_overfits_one_batch():
 # --------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flags", [
     ["--epochs", "0"], ["--sigma", "-1"], ["--p-uncond", "1.5"], ["--part", "3"], ["--batch-size", "0"],
-    ["--epochs", "x"], ["--no-such-flag"], ["--ema", "1.5"], ["--eval", "0"], ["--gammas", "1,x"],
-    ["--method", "sde"], ["--preset", "fast"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
+    ["--epochs", "x"], ["--no-such-flag"], ["--eval", "0"], ["--gammas", "1,x"],
+    ["--method", "sde"], ["--preset", "best"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
     ["--sigma", "inf"], ["--sigma", "nan"], ["--guidance-scale", "nan"], ["--guidance-scale", "-inf"],
-    ["--gammas", "0,inf"], ["--gammas", "nan"], ["--lr-decay", "nan"], ["--ema", "nan"],
+    ["--gammas", "0,inf"], ["--gammas", "nan"], ["--lr-decay", "nan"], ["--ema", "0.9"],
     ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"]])
 def test_bad_flags_exit_2_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as e:
@@ -310,17 +310,8 @@ def test_part_defaults():
     assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale) == (20, 300, 0.1, 5.0)
     assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
     assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
-    assert (a2.method, a2.ema, a2.clip_x0, a2.eval, a2.gammas) == ("ddpm", None, False, None,
-                                                                   [0, 1, 3, 5, 10])
+    assert (a2.method, a2.clip_x0, a2.eval, a2.gammas) == ("ddpm", False, None, [0, 1, 3, 5, 10])
     assert a1.device in ("cuda", "mps", "cpu")
-
-
-def test_preset_sets_defaults_and_flags_win():
-    best = dm.get_args(["--part", "2", "--preset", "best"])
-    assert all(getattr(best, k) == v for k, v in dm.PRESETS["best"].items()) and best.epochs == 20
-    assert (best.lr_decay, best.ema, best.clip_x0) == (1.0, 0.995, True)
-    assert dm.get_args(["--part", "2", "--preset", "best", "--ema", "0.9"]).ema == 0.9
-    assert dm.get_args(["--part", "2", "--ema"]).ema == 0.995
 
 
 def test_help_lists_no_removed_flag(capsys):
@@ -328,7 +319,8 @@ def test_help_lists_no_removed_flag(capsys):
         dm.get_args(["--help"])
     out = capsys.readouterr().out
     assert "--eval" in out and "(default: 128)" in out
-    for flag in ("--pm1", "--arch", "--amp", "--channels-last", "--bench-steps", "--checkpoint"):
+    for flag in ("--pm1", "--arch", "--amp", "--channels-last", "--bench-steps", "--checkpoint",
+                 "--ema", "--preset"):
         assert flag not in out
 
 
@@ -350,7 +342,7 @@ def test_cuda_request_without_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         dm.get_args(["--device", "cuda"])
-    assert e.value.code == 2 and "cuda is not available here" in capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- end to end
@@ -539,55 +531,6 @@ def test_flow_sampler_follows_a_perfect_velocity_and_is_seeded():
     a, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
     b, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
     assert torch.equal(a, b) and unet.training
-
-
-def test_ema_update_rule_and_batchnorm_statistics():
-    model, _, loss_fn, _, ema = dm.build(sample_args("--ema", "0.9"), torch.device("cpu"))
-    snapshots = []
-    for _ in range(3):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        ema.update_parameters(model)
-        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-    expect = lambda k: 0.9 * (0.9 * snapshots[0][k] + 0.1 * snapshots[1][k]) + 0.1 * snapshots[2][k]
-    for k in ("conv_in.0.0.weight", "fc1_c.2.bias", "up2.1.1.1.weight"):
-        torch.testing.assert_close(ema.module.state_dict()[k], expect(k))
-    bn = ema.module.down1[0][1]  # the first BatchNorm2d of down1
-    assert bn.running_mean.eq(0).all()  # weights only: the statistics are not averaged ...
-    x, y = torch.rand(12, 1, 28, 28), torch.arange(12) % 10
-    state = torch.get_rng_state()
-    dm.update_bn(ema.module, loss_fn, (x, y), batch_size=4)  # ... but estimated for the EMA weights
-    assert bn.num_batches_tracked.item() == 3 and not bn.running_mean.eq(0).all() and bn.momentum == 0.1
-    assert torch.equal(torch.get_rng_state(), state)  # the run's RNG is left as it was
-
-
-def test_ema_checkpoint_resume_and_sample_only(mnist_dir, tmp_path):
-    full, split = tmp_path / "full", tmp_path / "split"
-    flags = ["--part", "2", "--num-ts", "5", "--limit", "48", "--ema", "0.8"]
-    dm.main(tiny_flags(mnist_dir, full, *flags, "--epochs", "2"))
-    dm.main(tiny_flags(mnist_dir, split, *flags, "--epochs", "1"))
-    dm.main(tiny_flags(mnist_dir, split, *flags, "--epochs", "2", "--resume"))
-    a, b = (torch.load(d / "part2.pt", weights_only=True) for d in (full, split))
-    assert a["ema"]["n_averaged"].item() == 4 and a["args"]["ema"] == 0.8
-    dm.main(tiny_flags(mnist_dir, tmp_path / "plain", *flags[:-2], "--epochs", "2"))
-    plain = torch.load(tmp_path / "plain" / "part2.pt", weights_only=True)
-    assert all(torch.equal(plain["model"][k], a["model"][k]) for k in a["model"])  # raw weights alike
-    for k in a["ema"]:
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
-    pic = lambda d: Image.open(d / "part2_samples_epoch02.png").tobytes()
-    before = pic(full)
-    dm.main(tiny_flags(mnist_dir, full, "--part", "2", "--sample-only", "--gammas", "5"))
-    assert pic(full) == before  # the checkpoint's EMA weights again
-    dm.main(tiny_flags(mnist_dir, full, "--part", "2", "--sample-only", "--gammas", "5", "--ema", "0"))
-    assert pic(full) != before  # the raw weights
-
-
-def test_sample_only_with_ema_of_a_checkpoint_without_it(mnist_dir, tmp_path):
-    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--limit", "32",
-                       "--epochs", "1"))
-    with pytest.raises(SystemExit, match="no EMA weights"):
-        dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--ema"))
 
 
 def test_frechet_distance_closed_forms():
