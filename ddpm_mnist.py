@@ -60,7 +60,6 @@ def UpBlock(cin: int, cout: int) -> nn.Sequential:  # UpConv, ConvBlock: -> (Dou
 
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
-
     def __init__(self, in_channels: int = 1, num_hiddens: int = 128):
         super().__init__()
         D = num_hiddens
@@ -94,7 +93,6 @@ def FCBlock(fin: int, fout: int) -> nn.Sequential:  # (N, Fin) -> (N, Fout): Lin
 
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
-
     def __init__(self, in_channels: int = 1, num_classes: int = 10, num_hiddens: int = 128):
         super().__init__(in_channels, num_hiddens)
         D, self.num_classes = num_hiddens, num_classes
@@ -178,21 +176,26 @@ def clipped_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tens
     x_0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(0, 1)
     return (x_t - math.sqrt(abar) * x_0) / math.sqrt(1 - abar)
 
-def ddim_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
-                guidance_scale: float = 5.0, seed: int = 0, steps: int = 50, clip_x0: bool = False):
-    """Deterministic strided sampler (DDIM, eta 0, arXiv 2010.02502): `steps` of the T timesteps."""
+def strided_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
+                   guidance_scale: float = 5.0, seed: int = 0, steps: int = 50, clip_x0=False):
+    """Algorithm 2 over `steps` of the T timesteps: each step draws x_t' from the posterior
+    q(x_t' | x_t, x_0) (DDIM with eta 1, arXiv 2010.02502 eq. 12); steps = T is ddpm_sample."""
     abars, caches = schedule["alpha_bars"].tolist(), []
     ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T..1
-    with sampling(unet, c, img_wh, seed) as (_, x_t):
+    with sampling(unet, c, img_wh, seed) as (g, x_t):
         for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
             if cached(len(ts) - i, len(ts)):  # the spec's rule on the steps left
                 caches.append(x_t)
+            g.manual_seed(seed + i + 1)  # as in ddpm_sample: the seed shifted by 1 at each step
+            z = torch.randn(x_t.shape, generator=g, device=c.device) if t_prev > 0 else 0
             abar, abar_prev = abars[t - 1], abars[t_prev - 1] if t_prev > 0 else 1.0  # abar_0 = 1
             eps = guided_eps(unet, x_t, c, t / num_ts, guidance_scale)
             if clip_x0:
                 eps = clipped_eps(x_t, eps, abar)
             x_0 = (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # eq. 15
-            x_t = math.sqrt(abar_prev) * x_0 + math.sqrt(1 - abar_prev) * eps  # on the same eps
+            var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)  # beta_tilde, strided
+            x_t = (math.sqrt(abar_prev) * x_0 + math.sqrt(max(1 - abar_prev - var, 0)) * eps
+                   + math.sqrt(var) * z)
     return x_t, caches
 
 def flow_forward(unet: nn.Module, x_1: torch.Tensor, c: torch.Tensor, p_uncond: float):
@@ -222,7 +225,7 @@ def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, gamma: float)
         return flow_sample(unet, c, (28, 28), K, gamma, **kw)
     kw["clip_x0"] = args.clip_x0
     if K < T:
-        return ddim_sample(unet, c, (28, 28), schedule, T, gamma, steps=K, **kw)
+        return strided_sample(unet, c, (28, 28), schedule, T, gamma, steps=K, **kw)
     return ddpm_sample(unet, c, (28, 28), schedule, T, gamma, **kw)
 
 
@@ -232,10 +235,9 @@ def load_mnist(root: str, train: bool, device: torch.device, limit=None) -> tupl
     try:
         ds = torchvision.datasets.MNIST(root, train=train, download=True)
     except Exception as e:  # no internet, a proxy, a half-written file: all end here
-        sys.exit(f"error: MNIST is not under {os.path.join(root, 'MNIST', 'raw')} and could not be "
-                 f"downloaded ({type(e).__name__}). Put the four files train-images-idx3-ubyte, "
-                 "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-                 "(unzipped) there, or pass --data-dir DIR whose MNIST/raw/ holds them.")
+        sys.exit(f"error: MNIST is not in {root}/MNIST/raw and could not be downloaded "
+                 f"({type(e).__name__}). Put train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                 "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte there, or pass --data-dir.")
     x, y = ds.data[:limit], ds.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
     return (x.unsqueeze(1).float() / 255).to(device), y.to(device)  # (N, 1, 28, 28)
 
@@ -309,9 +311,8 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
         on_epoch_end(epoch, losses)  # an interrupt here
         rng = {"cpu": torch.get_rng_state(),  # leaves no checkpoint: --resume repeats this epoch
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                     args=vars(args), rng=rng, losses=losses)
-        torch.save(state, ckpt_path + ".tmp")
+        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                        args=vars(args), rng=rng, losses=losses), ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted save keeps the old file
 
 
@@ -340,7 +341,7 @@ def loss_plot(losses: list, title: str, steps_per_epoch: int) -> Image.Image:
     logs = [math.log10(sum(losses[max(0, i - k):i + k + 1]) / len(losses[max(0, i - k):i + k + 1]))
             for i in range(n)]
     lo, hi = min(logs), max(logs) + 1e-9
-    xy = lambda i, v: (L + (W - L - 20) * i / max(n - 1, 1), T + (H - T - B) * (hi - v) / (hi - lo))
+    xy = lambda i, v: (L + (W - L - 20) * i / n, T + (H - T - B) * (hi - v) / (hi - lo))  # step i
     img, epochs = Image.new("RGB", (W, H), "white"), math.ceil(n / steps_per_epoch)
     d = ImageDraw.Draw(img)
     for e in range(0, epochs + 1, max(1, epochs // 10)):  # x axis: epochs
@@ -387,8 +388,8 @@ def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> 
                                                         ["clean", "noisy", "denoised"])}
     if not final:
         return out
-    out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, "Part 1: z = x + sigma * eps",
-                                    [f"sigma={s}" for s in SIGMAS])
+    labels = [f"sigma={s}" for s in SIGMAS]
+    out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, "Part 1: z = x + sigma * eps", labels)
     pairs = torch.stack([noisy[:4], net(noisy[:4].flatten(0, 1)).view(4, 7, 1, 28, 28)], 2)
     labels = [f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)]
     out["part1_ood.png"] = grid(pairs.flatten(0, 2), 14, f"Part 1, trained at sigma {args.sigma}",
@@ -401,8 +402,7 @@ def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> 
             mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
             mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
         psnr = (-10 * mse.log10()).tolist()  # peak 1; inf for the noisy input at sigma 0
-        rows[f"sigma={sigma:g}"] = dict(mse=mse[0].item(), psnr=psnr[0],
-                                        psnr_noisy=psnr[1] if sigma else None)
+        rows[f"sigma={sigma:g}"] = dict(mse=mse[0].item(), mse_noisy=mse[1].item(), psnr=psnr[0])
         print(f"test MSE at sigma {sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}; "
               f"PSNR {psnr[0]:.2f} dB and {psnr[1]:.2f} dB")
     report = dict(trained_sigma=args.sigma, args=vars(args), rows=rows)
@@ -425,30 +425,38 @@ def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
     return out
 
 def get_classifier(args, test: tuple) -> nn.Sequential:
-    """The judge of --eval, a small CNN trained for one epoch (seed 0), cached as classifier.pt."""
+    """The judge of --eval: a CNN with BatchNorm and dropout, 3 epochs on training digits shifted
+    by up to 2 px (seed 0), cached as OUT_DIR/classifier.pt."""
     path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
     torch.manual_seed(0)
-    clf = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+    conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+    clf = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128),
+                        nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+    clf = clf.to(device)  # clf[:-2]: the (N, 128) features
     try:
         clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return clf.eval().requires_grad_(False)
     except Exception as e:  # none yet, or a truncated or foreign file: train one
         print(f"eval classifier: training one, {path} is {type(e).__name__}")
     (train_x, train_y), t0 = load_mnist(args.data_dir, True, device), time.time()
-    opt, g = torch.optim.Adam(clf.parameters(), lr=1e-3), torch.Generator(device).manual_seed(0)
-    loss_fn = lambda net, x, y: F.cross_entropy(net(x), y)
-    for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
-        train_step(clf, opt, loss_fn, train_x[idx], train_y[idx])
-    acc = (judge(clf.eval().requires_grad_(False), *test)[1].argmax(1) == test[1]).float().mean()
-    print(f"eval classifier: 1 epoch in {time.time() - t0:.0f} s, test accuracy {acc:.2%}")
+    g, steps = torch.Generator(device).manual_seed(0), 3 * math.ceil(len(train_x) / 128)
+    opt = torch.optim.Adam(clf.parameters())
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)  # up, then down to ~0
+    shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
+                                 (2, 3))  # the batch moved by up to 2 px down and right
+    for _ in range(3):
+        for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
+            train_step(clf, opt, lambda net, x, y: F.cross_entropy(net(shift(x)), y), train_x[idx],
+                       train_y[idx])
+            lr.step()
+    print(f"eval classifier: trained in {time.time() - t0:.0f} s")
     torch.save(clf.state_dict(), path)
-    return clf
+    return clf.eval().requires_grad_(False)
 
-def judge(clf: nn.Sequential, x: torch.Tensor, y=None) -> tuple:
-    """The classifier's features clf[:-1] (N, 64) and logits (N, 10) of images (N, 1, 28, 28)."""
-    f = torch.cat([clf[:-1](b) for b in x.clamp(0, 1).split(1000)])
+def judge(clf: nn.Sequential, x: torch.Tensor) -> tuple:
+    """The classifier's features clf[:-2] (N, 128) and logits (N, 10) of images (N, 1, 28, 28)."""
+    f = torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])
     return f, clf[-1](f)
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
@@ -465,21 +473,24 @@ def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
     """--eval N: the classifier's verdict on N samples per digit at each of --gammas and on N real
     test digits per digit: accuracy, mean probability of the digit asked for, Frechet distance."""
     (test_x, test_y), clf = test, get_classifier(args, test)
-    ref, rows = judge(clf, test_x)[0], {}  # (10000, 64): the test set's features
+    ref, logits = judge(clf, test_x)  # ref: (10000, 128), the test set's features
+    clf_acc, rows = (logits.argmax(1) == test_y).float().mean().item(), {}
+    print(f"eval classifier: test accuracy {clf_acc:.2%}")
     real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N per digit
     c = torch.arange(10, device=test_x.device).repeat(args.eval)  # (10 N,)
     print(f"{'samples':>12} | accuracy | confidence | frechet | accuracy per digit 0-9")
     for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
         x, y = (test_x[real], test_y[real]) if name == "real" else (
             sample(net, c, schedule, args, float(name[6:]))[0], c)
-        f, logits = judge(clf, x)  # (N, 64), (N, 10)
+        f, logits = judge(clf, x)  # (N, 128), (N, 10)
         hit, p = (logits.argmax(1) == y).float(), F.softmax(logits, 1)[torch.arange(len(y)), y]
         rows[name] = r = dict(accuracy=hit.mean().item(), confidence=p.mean().item(),
                               frechet=frechet_distance(f, ref),
                               per_digit=[hit[y == d].mean().item() for d in range(10)])
         print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | "
               f"{r['frechet']:7.2f} |", " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
-    return {"part2_eval.json": dict(n_per_digit=args.eval, args=vars(args), rows=rows)}
+    return {"part2_eval.json": dict(n_per_digit=args.eval, classifier_accuracy=clf_acc, rows=rows,
+                                    args=vars(args))}
 
 
 # --------------------------------------------------------------------------- command line
@@ -536,7 +547,7 @@ def get_args(argv=None) -> argparse.Namespace:
         choices=["ddpm", "flow"])
     add("--num-ts", "diffusion steps T", 300, type=count, metavar="T")
     add("--p-uncond", "class dropout probability", 0.1, type=between(0, 1), metavar="P")
-    add("--sample-only", "the final pictures of OUT_DIR/part2.pt", False, action="store_true")
+    add("--sample-only", "the final pictures of OUT_DIR/partN.pt", False, action="store_true")
     add("--guidance-scale", "CFG gamma of the grids", 5.0, type=number, metavar="G")
     add("--gammas", "gammas of the final sweep and --eval", [0.0, 1.0, 3.0, 5.0, 10.0],
         type=lambda s: [number(v) for v in s.split(",")], metavar="G,G")
@@ -565,13 +576,11 @@ def main(argv=None) -> list:
           f"{args.batch_size} lr={args.lr:g} {args.method} clip_x0={args.clip_x0}")
     built = model, fast, loss_fn, schedule = build(args, device)
     if args.benchmark:  # time 20 training steps on random data, after 3 warm-up steps
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         x = torch.rand(args.batch_size, 1, 28, 28, device=device)
-        y = torch.arange(args.batch_size, device=device) % 10
+        opt, y = torch.optim.Adam(model.parameters(), lr=args.lr), (10 * x[:, 0, 0, 0]).long()
         steps = lambda k: [train_step(fast, opt, loss_fn, x, y) for _ in range(k)][-1].item()
         steps(3)  # warm-up: kernels chosen, --compile compiles; .item() waits for the device
-        t0 = time.time()
-        steps(20)
+        t0, _ = time.time(), steps(20)
         rate = 20 * args.batch_size / (time.time() - t0)
         print(f"train_img_per_s={rate:.1f}")
         print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / rate:.0f}")
@@ -584,9 +593,7 @@ def main(argv=None) -> list:
     os.makedirs(args.out_dir, exist_ok=True)
     test, files, t0 = load_mnist(args.data_dir, False, device), [], time.time()
     data = None if args.sample_only else load_mnist(args.data_dir, True, device, args.limit)
-    lr = f"lr {args.lr:g}" + (f" to {args.lr * args.lr_decay:g}" if args.lr_decay < 1 else "")
-    title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, {lr}, " + (
-        f"sigma {args.sigma}" if args.part == 1 else args.method)
+    title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, lr {args.lr:g}"
 
     def pictures(epoch: int, final: bool) -> list:  # the part's pictures, inline when final
         out = (part1_pictures(fast, test[0], args, epoch, final) if args.part == 1 else

@@ -233,14 +233,28 @@ class Oracle(torch.nn.Module):
 def test_samplers_recover_x0_with_a_perfect_model():
     T, s = 100, dm.ddpm_schedule(1e-4, 0.02, 100)
     x_0, c = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
+    x_T = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(1))
     for clip in (False, True):
         x, caches = dm.ddpm_sample(Oracle(x_0, s, T), c, (28, 28), s, T, 5.0, seed=1, clip_x0=clip)
         torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)  # the last step lands on x_0
         for steps in (1, 7, 50):
-            x, caches = dm.ddim_sample(Oracle(x_0, s, T), c, (28, 28), s, T, 5.0, seed=1, steps=steps,
-                                       clip_x0=clip)
+            x, caches = dm.strided_sample(Oracle(x_0, s, T), c, (28, 28), s, T, 5.0, seed=1,
+                                             steps=steps, clip_x0=clip)
             torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)
-            assert len(caches) == sum(dm.cached(k, steps) for k in range(1, steps + 1))
+            assert 1 <= len(caches) <= steps and torch.equal(caches[0], x_T)  # x_T first
+            assert all(cache.shape == (2, 1, 28, 28) for cache in caches)
+
+
+def test_strided_sampler_is_algorithm_2_at_T_steps_and_seeded():
+    unet, s, c = dm.ConditionalUNet(1, 10, 4).eval(), dm.ddpm_schedule(1e-4, 0.02, 30), torch.tensor([2, 9])
+    full, full_caches = dm.ddpm_sample(unet, c, (28, 28), s, 30, 5.0, seed=4)
+    x, caches = dm.strided_sample(unet, c, (28, 28), s, 30, 5.0, seed=4, steps=30)
+    torch.testing.assert_close(x, full, atol=1e-4, rtol=1e-4)  # the same noise, the same steps
+    assert len(caches) == len(full_caches) == 9
+    a, caches = dm.strided_sample(unet, c, (28, 28), s, 30, 5.0, seed=4, steps=10)
+    b, _ = dm.strided_sample(unet, c, (28, 28), s, 30, 5.0, seed=4, steps=10)
+    assert torch.equal(a, b) and len(caches) == 8  # 10, 7, ..., 1
+    assert not torch.equal(a, dm.strided_sample(unet, c, (28, 28), s, 30, 5.0, seed=5, steps=10)[0])
 
 
 def test_clipped_eps_is_eps_inside_the_range_and_clips_outside():
@@ -553,7 +567,7 @@ def test_eval_part2_writes_a_table_and_json(mnist_dir, tmp_path, capsys):
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["confidence"] <= 1 and r["frechet"] >= -1e-6
         assert len(r["per_digit"]) == 10
     out = capsys.readouterr().out
-    assert "accuracy per digit" in out and "gamma=5" in out and "eval classifier: 1 epoch" in out
+    assert "accuracy per digit" in out and "gamma=5" in out and "eval classifier: trained" in out and "test accuracy" in out
     (tmp_path / "classifier.pt").write_bytes(b"broken")  # a damaged cache is replaced, not fatal
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--eval", "1",
                        "--gammas", "5"))
@@ -565,7 +579,7 @@ def test_eval_part1_psnr_per_sigma(mnist_dir, tmp_path, capsys):
     dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32", "--eval"))
     rows = json.load(open(tmp_path / "part1_eval.json"))["rows"]
     assert list(rows) == [f"sigma={s:g}" for s in dm.SIGMAS]
-    assert rows["sigma=0"]["psnr_noisy"] is None
-    assert abs(rows["sigma=0.5"]["psnr_noisy"] - 10 * math.log10(1 / 0.25)) < 0.2  # MSE ~ sigma^2
+    assert rows["sigma=0"]["mse_noisy"] == 0
+    assert abs(rows["sigma=0.5"]["mse_noisy"] - 0.25) < 0.02  # the noisy input MSE is about sigma^2
     assert rows["sigma=0.5"]["psnr"] == pytest.approx(-10 * math.log10(rows["sigma=0.5"]["mse"]))
     assert "PSNR" in capsys.readouterr().out
