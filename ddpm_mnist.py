@@ -417,7 +417,7 @@ def get_classifier(args, test: tuple) -> nn.Sequential:
         clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return clf.eval().requires_grad_(False)
     except Exception as e:  # none yet, or a truncated or foreign file: train one
-        print(f"eval classifier: training one, {path} is {type(e).__name__}")
+        print(f"eval classifier: no usable {path} ({type(e).__name__}), training one")
     (train_x, train_y), t0 = load_mnist(args.data_dir, True, device), time.time()
     g, steps = torch.Generator(device).manual_seed(0), 3 * math.ceil(len(train_x) / 128)
     opt = torch.optim.Adam(clf.parameters())
