@@ -127,7 +127,6 @@ def ddpm_forward(unet: nn.Module, schedule: dict, x_0: torch.Tensor, c: torch.Te
     mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
     return F.mse_loss(unet(x_t, c, t / num_ts, mask), eps)
 
-@torch.no_grad()
 def guided_eps(unet: nn.Module, x_t: torch.Tensor, c: torch.Tensor, t: float, gamma: float):
     """CFG: eps_u + gamma (eps_c - eps_u) at t in [0, 1], both from one UNet call on 2N samples."""
     n, dev = len(c), c.device
@@ -266,6 +265,15 @@ def train_step(net, opt, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     opt.step()
     return loss.detach()
 
+def recalibrate(net: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """BatchNorm's running statistics: the plain mean of 100 training batches (docs/results.md)."""
+    with torch.no_grad(), torch.random.fork_rng([x.device] if x.is_cuda else []):  # no RNG drawn
+        for m in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average, not momentum 0.1's last few batches
+        for idx in torch.randperm(len(x), device=x.device)[:100 * batch_size].split(batch_size):
+            loss_fn(net, x[idx], y[idx])  # a forward pass in train mode: the batch's statistics
+
 def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -> None:
     """The loop both parts share, resumed from ckpt if given: on_epoch_end(), then a checkpoint."""
     (model, fast, loss_fn, _), (train_x, train_y) = built, data
@@ -284,7 +292,6 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
             group["lr"] = args.lr * args.lr_decay ** ((epoch - 1) / args.epochs)
         epoch_losses, t_epoch, t_print = [], time.time(), time.time()
         for i, idx in enumerate(torch.randperm(n, device=train_x.device).split(args.batch_size)):
-            # idx: a shuffled batch of indices, from the global RNG; the last may be short
             epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx]))
             if time.time() - t_print > 5 or i + 1 == steps:
                 done, t_print = min((i + 1) * args.batch_size, n), time.time()
@@ -292,6 +299,7 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
                 eta = ((args.epochs - epoch + 1) * n - done) / rate / 60
                 print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
                       f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
+        recalibrate(model, loss_fn, train_x, train_y, args.batch_size)  # for pictures, checkpoint
         losses += torch.stack(epoch_losses).float().tolist()
         on_epoch_end(epoch, losses)  # an interrupt here
         rng = {"cpu": torch.get_rng_state(),  # leaves no checkpoint: --resume repeats this epoch
@@ -384,9 +392,8 @@ def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> 
             z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
             mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
             mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
-        psnr = (-10 * mse.log10()).tolist()  # peak 1; inf for the noisy input at sigma 0
         print(f"test MSE at sigma {sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}; "
-              f"PSNR {psnr[0]:.2f} dB and {psnr[1]:.2f} dB")
+              f"denoised PSNR {-10 * mse[0].log10():.2f} dB")  # peak 1
     return out
 
 def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
@@ -398,8 +405,7 @@ def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
     if final:
         xs = torch.cat([sample(net, c[:20], schedule, args, g)[0] for g in args.gammas])  # (20G,..)
         labels = [f"gamma={g:g}" if r == 0 else "" for g in args.gammas for r in (0, 1)]
-        out["part2_guidance.png"] = grid(xs, 10, "Part 2: guidance scale, same seed", digits,
-                                         labels)
+        out["part2_guidance.png"] = grid(xs, 10, "Part 2: CFG scale, same seed", digits, labels)
         out["part2_sampling.gif"] = [grid(f[:20], 10, title, digits, scale=2).quantize(16)
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
@@ -418,10 +424,9 @@ def get_classifier(args, test: tuple) -> nn.Sequential:
         return clf.eval().requires_grad_(False)
     except Exception as e:  # none yet, or a truncated or foreign file: train one
         print(f"eval classifier: no usable {path} ({type(e).__name__}), training one")
-    (train_x, train_y), t0 = load_mnist(args.data_dir, True, device), time.time()
-    g, steps = torch.Generator(device).manual_seed(0), 3 * math.ceil(len(train_x) / 128)
-    opt = torch.optim.Adam(clf.parameters())
-    lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)  # up, then down to ~0
+    train_x, train_y = load_mnist(args.data_dir, True, device)
+    opt, g = torch.optim.Adam(clf.parameters()), torch.Generator(device).manual_seed(0)
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, 3 * math.ceil(len(train_x) / 128))
     shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
                                  (2, 3))  # the batch moved by up to 2 px down and right
     for _ in range(3):
@@ -429,7 +434,6 @@ def get_classifier(args, test: tuple) -> nn.Sequential:
             train_step(clf, opt, lambda net, x, y: F.cross_entropy(net(shift(x)), y), train_x[idx],
                        train_y[idx])
             lr.step()
-    print(f"eval classifier: trained in {time.time() - t0:.0f} s")
     torch.save(clf.state_dict(), path)
     return clf.eval().requires_grad_(False)
 
@@ -442,9 +446,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
     f1, f2 = f1.double().cpu(), f2.double().cpu()
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
-    w, v = torch.linalg.eigh(s1)
-    r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T  # S1^1/2
-    root = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()  # the root's trace
+    root = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()  # tr (S1 S2)^1/2
     return (((f1.mean(0) - f2.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * root).item()
 
 def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
@@ -454,18 +456,16 @@ def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
     clf_acc, rows = (logits.argmax(1) == test_y).float().mean().item(), {}
     real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N per digit
     c = torch.arange(10, device=test_x.device).repeat(args.eval)  # (10 N,)
-    print(f"judge's test accuracy {clf_acc:.2%}\n{'samples':>12} | accuracy | confidence | "
-          "frechet | accuracy per digit 0-9")
+    print(f"judge's test accuracy {clf_acc:.2%}\n{'samples':>12} | accuracy | frechet | per digit")
     for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
         x, y = (test_x[real], test_y[real]) if name == "real" else (
             sample(net, c, schedule, args, float(name[6:]))[0], c)
         f, logits = judge(clf, x)  # (N, 128), (N, 10)
-        hit, p = (logits.argmax(1) == y).float(), F.softmax(logits, 1)[torch.arange(len(y)), y]
-        rows[name] = r = dict(accuracy=hit.mean().item(), confidence=p.mean().item(),
-                              frechet=frechet_distance(f, ref),
+        hit = (logits.argmax(1) == y).float()  # (N,): 1 where the judge reads the class asked for
+        rows[name] = r = dict(accuracy=hit.mean().item(), frechet=frechet_distance(f, ref),
                               per_digit=[hit[y == d].mean().item() for d in range(10)])
-        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['confidence']:10.3f} | "
-              f"{r['frechet']:7.2f} |", " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
+        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['frechet']:7.2f} |",
+              " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
     return {"part2_eval.json": dict(n_per_digit=args.eval, classifier_accuracy=clf_acc, rows=rows,
                                     args=vars(args))}
 
