@@ -390,6 +390,8 @@ def test_part1_end_to_end(mnist_dir, tmp_path, capsys):
     assert sizes["part1_loss.png"] == (720, 420)
     assert "test MSE at sigma 0.5" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "part1.pt") and not os.path.exists(tmp_path / "part1.pt.tmp")
+    bn = torch.load(tmp_path / "part1.pt", weights_only=True)["model"]["down2.0.1.num_batches_tracked"]
+    assert bn.item() == 64 // 32  # re-estimated after the last epoch: 2 batches, not 2 epochs' 4
 
 
 def test_part2_end_to_end_and_sample_only(mnist_dir, tmp_path):
