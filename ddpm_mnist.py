@@ -1,8 +1,8 @@
 """ddpm_mnist.py: diffusion models from scratch on MNIST, in one file.
 
 Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-conditioned DDPM (arXiv
-2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598). Beyond the spec,
-behind flags: a 6x faster sampler, rectified flow, and --eval, a number for sample quality.
+2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598): with the spec's
+sampler, or on 50 of its 300 steps, 6x faster (--sample-steps 50). docs/measure.py scores a run.
 
     pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
@@ -10,16 +10,18 @@ behind flags: a 6x faster sampler, rectified flow, and --eval, a number for samp
 
 In a notebook, paste this file into a cell and run main(["--part", "2"]); pictures show inline. On
 one NVIDIA H200, Part 1 takes 25 s (test MSE 0.008 at sigma 0.5; the noisy input's is 0.25) and Part
-2 about 2 minutes (all 40 digits of the final grid of the class asked for). On 2 CPU cores, try
---hidden 32 --epochs 2 first (about 20 minutes).
+2 about 2 minutes (all 40 digits of the final grid of the class asked for). A Colab T4 trains in
+fp16. On 2 CPU cores, try --hidden 32 --epochs 2 first (20 to 35 minutes).
 """
 
 import argparse
 import contextlib
-import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -62,8 +64,9 @@ class UnconditionalUNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_hiddens: int = 128):
         super().__init__()
         D = num_hiddens
-        self.conv_in, self.down1 = ConvBlock(in_channels, D), DownBlock(D, D)
-        self.down2, self.flatten, self.unflatten = DownBlock(D, 2 * D), Flatten(), Unflatten(2 * D)
+        self.conv_in = ConvBlock(in_channels, D)
+        self.down1, self.down2 = DownBlock(D, D), DownBlock(D, 2 * D)
+        self.flatten, self.unflatten = Flatten(), Unflatten(2 * D)
         self.up1, self.up2 = UpBlock(4 * D, D), UpBlock(2 * D, D)
         self.conv_out, self.head = ConvBlock(2 * D, D), nn.Conv2d(D, in_channels, 3, 1, 1)
 
@@ -169,8 +172,7 @@ def ddpm_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict,
 # --------------------------------------------------------------------------- beyond the spec
 def strided_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: dict, num_ts: int,
                    guidance_scale: float = 5.0, seed: int = 0, steps: int = 50):
-    """Algorithm 2 over `steps` of the T timesteps: each step draws x_t' from the posterior
-    q(x_t' | x_t, x_0) (DDIM with eta 1, arXiv 2010.02502 eq. 12); steps = T is ddpm_sample."""
+    """Algorithm 2 on `steps` of the T steps: x_t' ~ q(x_t' | x_t, x_0), DDIM eta 1 (2010.02502)."""
     abars, caches = schedule["alpha_bars"].tolist(), []
     ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T..1
     with sampling(unet, c, img_wh, seed) as (g, x_t):
@@ -187,82 +189,103 @@ def strided_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, schedule: di
                    + math.sqrt(var) * z)
     return x_t, caches
 
-def flow_forward(unet: nn.Module, x_1: torch.Tensor, c: torch.Tensor, p_uncond: float):
-    """Rectified flow (arXiv 2209.03003): ||(x_1 - x_0) - v_theta(x_t, t, c)||^2, t ~ U[0, 1]."""
-    t = torch.rand(len(c), device=c.device)  # (N,)
-    x_0 = torch.randn_like(x_1)
-    t4 = t.view(-1, 1, 1, 1)  # (N, 1, 1, 1): over the pixels
-    x_t = (1 - t4) * x_0 + t4 * x_1  # straight from noise x_0 (t = 0) to data x_1 (t = 1)
-    mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
-    return F.mse_loss(unet(x_t, c, t, mask), x_1 - x_0)
-
-def flow_sample(unet: nn.Module, c: torch.Tensor, img_wh: tuple, steps: int,
-                guidance_scale: float = 5.0, seed: int = 0):
-    """K Euler steps x <- x + v / K along the guided velocity from noise (t = 0) to data (t = 1)."""
-    caches = []
-    with sampling(unet, c, img_wh, seed) as (_, x):
-        for i in range(steps):
-            if cached(steps - i, steps):  # the spec's rule on the steps left
-                caches.append(x)
-            x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
-    return x, caches
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision: fp32, tf32 need none
 
 def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, gamma: float):
-    """Samples and caches of --method and --sample-steps K (ddpm: K = T is the spec's sampler)."""
+    """Samples and caches of --sample-steps K: K < T strided, else the spec's ddpm_sample."""
     K, T = args.sample_steps or args.num_ts, args.num_ts
-    if args.method == "flow":
-        return flow_sample(unet, c, (28, 28), K, gamma, args.seed)
-    if K < T:
-        return strided_sample(unet, c, (28, 28), schedule, T, gamma, args.seed, K)
-    return ddpm_sample(unet, c, (28, 28), schedule, T, gamma, args.seed)
+    with torch.autocast(args.device, AUTOCAST.get(args.precision), args.precision in AUTOCAST):
+        if K < T:
+            x, caches = strided_sample(unet, c, (28, 28), schedule, T, gamma, args.seed, K)
+        else:
+            x, caches = ddpm_sample(unet, c, (28, 28), schedule, T, gamma, args.seed)
+    if bad := int((~x.isfinite()).flatten(1).any(1).sum()):  # (N, 784) -> (N,): NaN or inf
+        print(f"warning: {bad} of {len(x)} samples at gamma {gamma:g} are not finite (drawn grey)")
+    return x, caches
 
 
 # --------------------------------------------------------------------------- training
-def load_mnist(root: str, train: bool, device: torch.device, limit=None) -> tuple:
+def load_mnist(root: str, train: bool, device: str, limit=None) -> tuple:
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
-    try:
-        ds = torchvision.datasets.MNIST(root, train=train, download=True)
-    except Exception as e:  # no internet, a proxy, a half-written file: all end here
-        sys.exit(f"error: MNIST is not in {root}/MNIST/raw and could not be downloaded "
-                 f"({type(e).__name__}). Put train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                 "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte there, or pass --data-dir.")
-    x, y = ds.data[:limit], ds.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
+    raw = os.path.join(root, "MNIST", "raw")
+    files = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    present = lambda: all(os.path.isfile(os.path.join(raw, f)) for f in files)
+    new = os.path.abspath(raw)  # the highest folder that a download makes
+    while not os.path.isdir(os.path.dirname(new)):
+        new = os.path.dirname(new)
+    made = not os.path.isdir(new)
+    with contextlib.suppress(Exception):  # no internet or a proxy: present() stays False
+        if not present():
+            torchvision.datasets.MNIST(root, download=True)
+    if not present():
+        if made:  # a wrong --data-dir leaves no folder behind
+            shutil.rmtree(new, ignore_errors=True)
+        sys.exit(f"error: MNIST is not in {raw} and could not be downloaded. Put "
+                 f"{', '.join(files)} there, or pass --data-dir.")
+
+    def read(kind: str, shape: tuple) -> torch.Tensor:  # uint8 (N, *shape) by torchvision's reader
+        path = os.path.join(raw, f"{'train' if train else 't10k'}-{kind}-ubyte")
+        with contextlib.suppress(Exception):  # empty, truncated, random bytes: many kinds of errors
+            v = torchvision.datasets.mnist.read_sn3_pascalvincent_tensor(path)
+            if v.dtype == torch.uint8 and v.shape[1:] == shape and len(v) > 0:
+                if shape != () or v.max() <= 9:  # labels are digits
+                    return v
+        sys.exit(f"error: {path} is not an MNIST {kind[:6]} file (empty, truncated or another "
+                 "file): delete it to download it again")
+
+    x, y = read("images-idx3", (28, 28)), read("labels-idx1", ())  # (N, 28, 28), (N,)
+    if len(x) != len(y):
+        sys.exit(f"error: {raw} holds {len(x)} images but {len(y)} labels of one split: "
+                 "put the four files of one MNIST copy there")
+    x, y = x[:limit], y[:limit].long()
     return (x.unsqueeze(1).float() / 255).to(device), y.to(device)  # (N, 1, 28, 28)
 
-def build(args, device: torch.device) -> tuple:
+def build(args) -> tuple:
     """The part's model, the callable that trains it, loss_fn(net, x, y) and the DDPM schedule."""
     D = args.hidden
     model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
-    schedule = {k: v.to(device) for k, v in ddpm_schedule(1e-4, 0.02, args.num_ts).items()}
+    schedule = {k: v.to(args.device) for k, v in ddpm_schedule(1e-4, 0.02, args.num_ts).items()}
     if args.part == 1:
         loss_fn = lambda net, x, y: denoise_loss(net, x, args.sigma)
-    elif args.method == "flow":
-        loss_fn = lambda net, x, y: flow_forward(net, x, y, args.p_uncond)
     else:
         loss_fn = lambda net, x, y: ddpm_forward(net, schedule, x, y, args.p_uncond, args.num_ts)
-    model = model.to(device, memory_format=torch.channels_last)  # faster wherever measured
+    amp = torch.autocast(args.device, AUTOCAST.get(args.precision), args.precision in AUTOCAST)
+    model = model.to(args.device, memory_format=torch.channels_last)  # faster wherever measured
     fast = torch.compile(model, mode="reduce-overhead") if args.compile else model
-    return model, fast, loss_fn, schedule
+    return model, fast, amp(loss_fn), schedule  # the loss under --precision's autocast
 
-def load_checkpoint(path: str, part: int) -> dict:
-    """Read a checkpoint with weights_only=True; any problem is a one-line error."""
+def restore(args, path: str) -> tuple:
+    """build() the model of the checkpoint at path, with its weights; any problem is one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         sys.exit(f"error: no checkpoint at {path}")
     except Exception as e:  # a truncated or foreign file raises many kinds of errors
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("args", {}).get("part") != part:
-        sys.exit(f"error: {path} is not a Part {part} checkpoint of this script")
-    return ckpt
+    kinds = dict(model=dict, optimizer=dict, epoch=int, args=dict, rng=dict, losses=list)
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in kinds.items())
+            and ckpt["args"].get("part") == args.part  # and not --method flow's, which is gone
+            and ckpt["args"].get("method", "ddpm") == "ddpm"):
+        sys.exit(f"error: {path} is not a Part {args.part} checkpoint of this script")
+    for k in ("hidden", "num_ts"):  # the model is the checkpoint's, whatever the flags
+        if ckpt["args"].get(k, vars(args)[k]) != vars(args)[k]:
+            print(f"--{k.replace('_', '-')} {ckpt['args'][k]}, not {vars(args)[k]}: from {path}")
+            setattr(args, k, ckpt["args"][k])
+    built = build(args)
+    try:
+        built[0].load_state_dict(ckpt["model"])
+    except RuntimeError:
+        sys.exit(f"error: {path} holds weights of another architecture than this model")
+    return built, ckpt
 
-def train_step(net, opt, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def train_step(net, opt, scaler, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimizer step; returns the loss without waiting for the device."""
     torch.compiler.cudagraph_mark_step_begin()  # --compile: a new step's CUDA graphs
     loss = loss_fn(net, x, y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()  # fp16: the loss scaled against underflow; else as it is
+    scaler.step(opt)
+    scaler.update()
     return loss.detach()
 
 def recalibrate(net: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int):
@@ -275,49 +298,69 @@ def recalibrate(net: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, batch
             loss_fn(net, x[idx], y[idx])  # a forward pass in train mode: the batch's statistics
 
 def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -> None:
-    """The loop both parts share, resumed from ckpt if given: on_epoch_end(), then a checkpoint."""
+    """The loop both parts share, resumed from ckpt if given: a checkpoint, then on_epoch_end()."""
     (model, fast, loss_fn, _), (train_x, train_y) = built, data
-    n, steps, start, losses = len(train_x), math.ceil(len(train_x) / args.batch_size), 1, []
+    n = len(train_x)
+    steps = math.ceil(n / args.batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=train_x.is_cuda)
+    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
+    start, losses = 1, []
     if ckpt is not None:  # the weights are loaded already
         opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # an fp16 run's loss scale
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start, losses = ckpt["epoch"] + 1, ckpt["losses"]
-        print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+        end = "" if start <= args.epochs else "; the run is finished (a larger --epochs trains on)"
+        print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}{end}")
+    notice = args.device != "cuda"  # once, at the first progress line: a long run on a slow device
     for epoch in range(start, args.epochs + 1):
         fast.train()
         for group in opt.param_groups:  # exponential decay: about lr_decay * lr at the last epoch
             group["lr"] = args.lr * args.lr_decay ** ((epoch - 1) / args.epochs)
-        epoch_losses, t_epoch, t_print = [], time.time(), time.time()
+        epoch_losses = []
+        t_epoch = t_print = time.time()
         for i, idx in enumerate(torch.randperm(n, device=train_x.device).split(args.batch_size)):
-            epoch_losses.append(train_step(fast, opt, loss_fn, train_x[idx], train_y[idx]))
+            epoch_losses.append(train_step(fast, opt, scaler, loss_fn, train_x[idx], train_y[idx]))
             if time.time() - t_print > 5 or i + 1 == steps:
-                done, t_print = min((i + 1) * args.batch_size, n), time.time()
+                if not torch.stack(epoch_losses).isfinite().all():  # the last checkpoint stays
+                    kept = f"{ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 else "nothing saved"
+                    sys.exit(f"error: the loss is not finite in epoch {epoch}; {kept}; lower --lr")
+                t_print = time.time()
+                done = min((i + 1) * args.batch_size, n)
                 rate = done / (t_print - t_epoch)  # images per second in this epoch
-                eta = ((args.epochs - epoch + 1) * n - done) / rate / 60
+                eta = ((args.epochs - epoch + 1) * n - done) / rate / 60  # minutes
                 print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
                       f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
-        recalibrate(model, loss_fn, train_x, train_y, args.batch_size)  # for pictures, checkpoint
+                if notice and eta > 60:
+                    print(f"note: about {eta / 60:.1f} h on the {args.device}: try --hidden 32 "
+                          "--epochs 2 first (20 to 35 minutes on 2 CPU cores)")
+                notice = False
+        recalibrate(model, loss_fn, train_x, train_y, args.batch_size)  # for checkpoint, pictures
         losses += torch.stack(epoch_losses).float().tolist()
-        on_epoch_end(epoch, losses)  # an interrupt here
-        rng = {"cpu": torch.get_rng_state(),  # leaves no checkpoint: --resume repeats this epoch
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = dict(cpu=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                        args=vars(args), rng=rng, losses=losses), ckpt_path + ".tmp")
+                        losses=losses, args=vars(args), rng=rng, scaler=scaler.state_dict()),
+                   ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted save keeps the old file
+        on_epoch_end(epoch, losses)  # the pictures: an interrupt there loses no training
 
 
-# --------------------------------------------------------------------------- pictures and eval
+# --------------------------------------------------------------------------- pictures
 SCALE, PAD = 3, 2  # each 28 px digit drawn 3x larger, 2 px gutters between digits
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of Part 1's pictures
+BOX = (70, 36, 700, 370)  # the loss plot's axes: left, top, right, bottom in 720 x 420 pixels
 
 def grid(x: torch.Tensor, nrow: int, title: str, cols=(), rows=(), scale: int = SCALE):
     """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with a title and labels."""
-    img = to_pil_image(make_grid(x.float().clamp(0, 1).cpu(), nrow, PAD, pad_value=0.5))
+    x = x.float().nan_to_num(0.5).clamp(0, 1).cpu()  # a NaN pixel grey, +-inf white or black
+    img = to_pil_image(make_grid(x, nrow, PAD, pad_value=0.5))
     img = img.convert("L").resize((img.width * scale, img.height * scale), Image.NEAREST)
-    left, top, cell = 64 if any(rows) else 0, 16 + (14 if any(cols) else 0), (28 + PAD) * scale
+    left, top = 64 if any(rows) else 0, 16 + (14 if any(cols) else 0)  # room for the labels
+    cell = (28 + PAD) * scale
     canvas = Image.new("L", (img.width + left, img.height + top), 255)
     canvas.paste(img, (left, top))
     draw = ImageDraw.Draw(canvas)
@@ -330,51 +373,53 @@ def grid(x: torch.Tensor, nrow: int, title: str, cols=(), rows=(), scale: int = 
 
 def loss_plot(losses: list, title: str, steps_per_epoch: int) -> Image.Image:
     """The loss per step on a log scale, a centred moving average over 2% of the run, with axes."""
-    W, H, L, T, B, n, k = 720, 420, 70, 36, 50, len(losses), max(1, len(losses) // 100)
+    n = len(losses)
+    k = max(1, n // 100)  # the average spans k steps on each side
     logs = [math.log10(sum(losses[max(0, i - k):i + k + 1]) / len(losses[max(0, i - k):i + k + 1]))
             for i in range(n)]
     lo, hi = min(logs), max(logs) + 1e-9
-    xy = lambda i, v: (L + (W - L - 20) * i / n, T + (H - T - B) * (hi - v) / (hi - lo))  # step i
-    img, epochs = Image.new("RGB", (W, H), "white"), math.ceil(n / steps_per_epoch)
+    x0, y0, x1, y1 = BOX
+    xy = lambda i, v: (x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * (hi - v) / (hi - lo))  # step i
+    img = Image.new("RGB", (720, 420), "white")
+    epochs = math.ceil(n / steps_per_epoch)
     d = ImageDraw.Draw(img)
     for e in range(0, epochs + 1, max(1, epochs // 10)):  # x axis: epochs
         x = xy(e * steps_per_epoch, lo)[0]
-        d.line([(x, H - B), (x, H - B + 4)], fill="black")
-        d.text((x - 3, H - B + 7), str(e), fill="black")
+        d.line([(x, y1), (x, y1 + 4)], fill="black")
+        d.text((x - 3, y1 + 7), str(e), fill="black")
     for j in range(6):  # y axis: six loss values, evenly spaced on the log scale
         y = xy(0, lo + (hi - lo) * j / 5)[1]
-        d.line([(L - 4, y), (W - 20, y)], fill=(225, 225, 225))
+        d.line([(x0 - 4, y), (x1, y)], fill=(225, 225, 225))
         d.text((4, y - 6), f"{10 ** (lo + (hi - lo) * j / 5):.3g}", fill="black")
-    d.rectangle([L, T, W - 20, H - B], outline="black")
+    d.rectangle(BOX, outline="black")
     d.line([xy(i, v) for i, v in enumerate(logs)], fill=(20, 60, 160), width=2)
-    d.text((L, 10), title, fill="black")
-    d.text(((W - L) // 2, H - 20), f"epoch ({steps_per_epoch} steps each)", fill="black")
-    d.text((4, T - 18), "loss (log)", fill="black")
+    d.text((x0, 10), title, fill="black")
+    d.text(((720 - x0) // 2, 400), f"epoch ({steps_per_epoch} steps each)", fill="black")
+    d.text((4, y0 - 18), "loss (log)", fill="black")
     return img
 
 def save(out_dir: str, outputs: dict, show: bool = False) -> list:
-    """Write {name: picture, frames (a GIF) or dict (JSON)}; show: inline in a notebook kernel."""
+    """Write {name: picture or frames (a GIF)}; show: inline in a notebook kernel."""
     for name, obj in outputs.items():
         path = os.path.join(out_dir, name)
-        if isinstance(obj, dict):
-            with open(path, "w") as f:
-                json.dump(obj, f, indent=1)
-        elif isinstance(obj, list):  # each frame 60 ms, slowing to 240 ms, the last held 2.5 s
+        if isinstance(obj, list):  # each frame 60 ms, slowing to 240 ms, the last held 2.5 s
             ms = [60 + 180 * i // max(len(obj) - 2, 1) for i in range(len(obj) - 1)] + [2500]
             obj[0].save(path, save_all=True, append_images=obj[1:], loop=0, duration=ms)
         else:
             obj.save(path)
-        if show and "ipykernel" in sys.modules and not isinstance(obj, dict):
+        if show and "ipykernel" in sys.modules:
             from IPython.display import Image as Picture, display
             display(Picture(filename=path))
     return [os.path.join(out_dir, name) for name in outputs]
 
 @torch.no_grad()
 def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> dict:
-    """Part 1's pictures of the epoch; after the last, its test MSE at --sigma (--eval: SIGMAS)."""
-    x, net, g = test_x[:10], net.eval(), torch.Generator().manual_seed(args.seed)  # (10, 1, 28, 28)
-    eps = torch.randn(x.shape, generator=g).to(x.device)  # the same noise at every sigma
-    z, noisy = x + args.sigma * eps, torch.stack([x[:8] + s * eps[:8] for s in SIGMAS], 1)  # 8,7,..
+    """Part 1's pictures of the epoch; after the last, its test MSE at --sigma."""
+    net.eval()
+    x = test_x[:10]  # (10, 1, 28, 28)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed)).to(x.device)
+    z = x + args.sigma * eps  # the same noise at every sigma
+    noisy = torch.stack([x[:8] + s * eps[:8] for s in SIGMAS], 1)  # (8, 7, 1, 28, 28)
     title = f"Part 1 after epoch {epoch}: test digits, sigma {args.sigma}"
     out = {f"part1_denoised_epoch{epoch:02d}.png": grid(torch.cat([x, z, net(z)]), 10, title, (),
                                                         ["clean", "noisy", "denoised"])}
@@ -386,22 +431,21 @@ def part1_pictures(net, test_x: torch.Tensor, args, epoch: int, final: bool) -> 
     labels = [f"sigma={s}" if k == 0 else "denoised" for s in SIGMAS for k in (0, 1)]
     out["part1_ood.png"] = grid(pairs.flatten(0, 2), 14, f"Part 1, trained at sigma {args.sigma}",
                                 labels)  # pairs: (4, 7, 2, 1, 28, 28) -> (56, 1, 28, 28)
-    for sigma in SIGMAS if args.eval else [args.sigma]:
-        g, mse = torch.Generator().manual_seed(args.seed), torch.zeros(2)  # denoised, noisy input
-        for x in test_x.split(1000):
-            z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
-            mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
-            mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
-        print(f"test MSE at sigma {sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}; "
-              f"denoised PSNR {-10 * mse[0].log10():.2f} dB")  # peak 1
+    g, mse = torch.Generator().manual_seed(args.seed), [0.0, 0.0]  # denoised, noisy input
+    for x in test_x.split(1000):
+        z = x + args.sigma * torch.randn(x.shape, generator=g).to(x.device)
+        mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
+        mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
+    print(f"test MSE at sigma {args.sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}")
     return out
 
-def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
-    """The 4 x 10 grid; after the last epoch also the guidance sweep and the sampling GIF."""
-    c, digits = torch.arange(10, device=next(net.parameters()).device).repeat(4), "0123456789"
-    x, caches = sample(net, c, schedule, args, args.guidance_scale)  # c: (40,)
-    title = f"Part 2 {args.method} after epoch {epoch}, gamma {args.guidance_scale:g}"
-    out = {f"part2_samples_epoch{epoch:02d}.png": grid(x, 10, title, digits)}
+def part2_pictures(net, schedule: dict, args, name: str, what: str, final: bool,
+                   digits: str = "0123456789") -> dict:
+    """part2_{name}.png: 4 samples of each digit, a column each; final: the sweep and the GIF."""
+    c = torch.tensor([int(d) for d in digits], device=next(net.parameters()).device).repeat(4)
+    x, caches = sample(net, c, schedule, args, args.guidance_scale)  # c: (4K,)
+    title = f"Part 2 {what}, gamma {args.guidance_scale:g}"
+    out = {f"part2_{name}.png": grid(x, len(digits), title, digits)}
     if final:
         xs = torch.cat([sample(net, c[:20], schedule, args, g)[0] for g in args.gammas])  # (20G,..)
         labels = [f"gamma={g:g}" if r == 0 else "" for g in args.gammas for r in (0, 1)]
@@ -410,81 +454,33 @@ def part2_pictures(net, schedule: dict, args, epoch: int, final: bool) -> dict:
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
 
-def get_classifier(args, test: tuple) -> nn.Sequential:
-    """The judge of --eval: a CNN trained once (3 epochs, seed 0), kept as OUT_DIR/classifier.pt."""
-    path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
-    torch.manual_seed(0)
-    conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
-    clf = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128),
-                        nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
-    clf = clf.to(device)  # clf[:-2]: the (N, 128) features
-    try:
-        clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        return clf.eval().requires_grad_(False)
-    except Exception as e:  # none yet, or a truncated or foreign file: train one
-        print(f"eval classifier: no usable {path} ({type(e).__name__}), training one")
-    train_x, train_y = load_mnist(args.data_dir, True, device)
-    opt, g = torch.optim.Adam(clf.parameters()), torch.Generator(device).manual_seed(0)
-    lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, 3 * math.ceil(len(train_x) / 128))
-    shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
-                                 (2, 3))  # the batch moved by up to 2 px down and right
-    for _ in range(3):
-        for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
-            train_step(clf, opt, lambda net, x, y: F.cross_entropy(net(shift(x)), y), train_x[idx],
-                       train_y[idx])
-            lr.step()
-    torch.save(clf.state_dict(), path)
-    return clf.eval().requires_grad_(False)
-
-def judge(clf: nn.Sequential, x: torch.Tensor) -> tuple:
-    """The classifier's features clf[:-2] (N, 128) and logits (N, 10) of images (N, 1, 28, 28)."""
-    f = torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])
-    return f, clf[-1](f)
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
-    f1, f2 = f1.double().cpu(), f2.double().cpu()
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
-    root = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()  # tr (S1 S2)^1/2
-    return (((f1.mean(0) - f2.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * root).item()
-
-def evaluate_part2(net, schedule: dict, args, test: tuple) -> dict:
-    """--eval N: the judge on N samples per digit at each of --gammas, and on N real ones each."""
-    (test_x, test_y), clf = test, get_classifier(args, test)
-    ref, logits = judge(clf, test_x)  # ref: (10000, 128), the test set's features
-    clf_acc, rows = (logits.argmax(1) == test_y).float().mean().item(), {}
-    real = torch.cat([torch.nonzero(test_y == d)[:args.eval, 0] for d in range(10)])  # N per digit
-    c = torch.arange(10, device=test_x.device).repeat(args.eval)  # (10 N,)
-    print(f"judge's test accuracy {clf_acc:.2%}\n{'samples':>12} | accuracy | frechet | per digit")
-    for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
-        x, y = (test_x[real], test_y[real]) if name == "real" else (
-            sample(net, c, schedule, args, float(name[6:]))[0], c)
-        f, logits = judge(clf, x)  # (N, 128), (N, 10)
-        hit = (logits.argmax(1) == y).float()  # (N,): 1 where the judge reads the class asked for
-        rows[name] = r = dict(accuracy=hit.mean().item(), frechet=frechet_distance(f, ref),
-                              per_digit=[hit[y == d].mean().item() for d in range(10)])
-        print(f"{name:>12} | {r['accuracy']:8.1%} | {r['frechet']:7.2f} |",
-              " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
-    return {"part2_eval.json": dict(n_per_digit=args.eval, classifier_accuracy=clf_acc, rows=rows,
-                                    args=vars(args))}
-
 
 # --------------------------------------------------------------------------- command line
 DEFAULTS = {1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part: the spec's
             2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1)}  # measured, docs/results.md
 
+def default_precision(device: str, capability=None) -> str:
+    """--precision auto: fp16 below CUDA capability 8.0 (T4, V100), tf32 from 8.0, else fp32."""
+    if device != "cuda":
+        return "fp32"
+    return "fp16" if (capability or torch.cuda.get_device_capability())[0] < 8 else "tf32"
+
 def checked(convert, ok, what: str):
     """An argparse type= function: convert the text, then refuse the value if ok(value) is False."""
     def parse(text: str):
-        if not ok(v := convert(text)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return v
+        with contextlib.suppress(ValueError):
+            if ok(v := convert(text)):
+                return v
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return parse
 
 count = checked(int, lambda v: v >= 1, "an integer >= 1")
 number = checked(float, math.isfinite, "a finite number")
 between = lambda lo, hi: checked(float, lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}]")
+numbers = checked(lambda s: [float(v) for v in s.split(",")], lambda v: all(map(math.isfinite, v)),
+                  "finite numbers such as 0,1,5")
+digits = checked(str, lambda s: s.isascii() and s.isdigit() and len(s) <= 40, "1 to 40 digits")
+seed = checked(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32 - 1]")
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2
@@ -493,6 +489,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def get_args(argv=None) -> argparse.Namespace:
     """Parse flags: argv=None reads sys.argv (never a kernel's), a list works in a notebook."""
     p = ArgumentParser(prog="ddpm_mnist.py", description="DDPM and classifier-free guidance, MNIST")
+    p._negative_number_matcher = re.compile(r"-\.?\d")  # --gammas -1,2 is a value, not a flag
     g = p.add_argument_group("run")
     devices = [d for d, ok in [("cuda", torch.cuda.is_available()),
                                ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok]
@@ -505,74 +502,70 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count, metavar="N")
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count, metavar="N")
     add("--lr", "Adam's learning rate (default: 1e-4 or 1e-3 by part)", type=between(1e-12, 1e3))
-    add("--lr-decay", "lr decays exponentially to F * lr (default: 1 or 0.1 by part)", metavar="F",
-        type=between(1e-12, 1))
+    add("--lr-decay", "lr decays to F * lr (default: 1 or 0.1 by part)", type=between(1e-12, 1))
     add("--hidden", "UNet width D", 128, type=count, metavar="D")
-    add("--seed", "random seed", 0, type=int)
+    add("--seed", "random seed, 0 to 2^32 - 1", 0, type=seed, metavar="S")
     add("--device", "the first available of cuda, mps, cpu", devices[0], choices=devices)
+    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0 (T4, V100), tf32 "
+        "on newer ones, else fp32", "auto", choices=["auto", "fp32", "tf32", "fp16", "bf16"])
     add("--data-dir", "torchvision's MNIST root", "data", metavar="DIR")
-    add("--out-dir", "where a run writes", "out", metavar="DIR",
-        type=checked(str, lambda d: not os.path.isfile(d), "a folder, but a file"))
+    add("--out-dir", "where a run writes; its checkpoint needs --resume", "out", metavar="DIR")
     add("--limit", "train on the first N images (default: all)", type=count, metavar="N")
     add("--resume", "continue from OUT_DIR/partN.pt", False, action="store_true")
     add("--compile", "torch.compile with CUDA graphs (faster on CUDA)", False, action="store_true")
-    add("--benchmark", "time 20 training steps, then exit", False, action="store_true")
     g = p.add_argument_group("part 1")
     add("--sigma", "training noise level", 0.5, type=between(0, 1e3))
     g = p.add_argument_group("part 2")
-    add("--method", "ddpm (the spec), flow: rectified flow", "ddpm", choices=["ddpm", "flow"])
     add("--num-ts", "diffusion steps T", 300, type=count, metavar="T")
     add("--p-uncond", "class dropout probability", 0.1, type=between(0, 1), metavar="P")
     add("--sample-only", "the final pictures of OUT_DIR/partN.pt", False, action="store_true")
+    add("--digits", "draw 4 samples of each of these digits, such as 2026", type=digits)
     add("--guidance-scale", "CFG gamma of the grids", 5.0, type=number, metavar="G")
-    add("--gammas", "gammas of the final sweep and --eval", [0.0, 1.0, 3.0, 5.0, 10.0],
-        type=lambda s: [number(v) for v in s.split(",")], metavar="G,G")
-    add("--sample-steps", "ddpm: K < T is the strided sampler, K >= T the spec's; flow: K Euler "
-        "steps (default: T)", type=count, metavar="K")
-    add("--eval", "score the final model: Part 1 PSNR per sigma, Part 2 a classifier on N samples "
-        "per digit (default: off; N 20)", type=count, nargs="?", const=20)
+    add("--gammas", "gammas of the final sweep picture", "0,1,3,5,10", type=numbers, metavar="G,G")
+    add("--sample-steps", "sample on K of the T steps (default: T)", type=count, metavar="K")
     argv = [] if argv is None and "ipykernel" in sys.modules else argv
     p.set_defaults(**DEFAULTS[p.parse_args(argv).part])
-    return p.parse_args(argv)  # flags given win over these per-part defaults
+    args = p.parse_args(argv)  # flags given win over these per-part defaults
+    if args.digits and args.part == 1:
+        p.error("--digits needs --part 2")
+    if args.precision == "auto":
+        args.precision = default_precision(args.device)
+    return args
 
 def main(argv=None) -> list:
     """Run one part with the given flags (a list, as on the command line); return the files."""
     args = get_args(argv)
-    device, ckpt_path, ckpt = torch.device(args.device), f"{args.out_dir}/part{args.part}.pt", None
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tf32 = args.precision == "tf32"  # fp32 matmuls and convolutions on tensor cores
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(args.seed)
-    if not args.benchmark and (args.sample_only or (args.resume and os.path.exists(ckpt_path))):
-        ckpt = load_checkpoint(ckpt_path, args.part)  # the model and schedule come from the file
-        for k in ("hidden", "num_ts", "method"):
-            setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
-    elif args.resume:
+    ckpt_path = os.path.join(args.out_dir, f"part{args.part}.pt")
+    found = os.path.exists(ckpt_path)
+    if found and not (args.resume or args.sample_only):
+        sys.exit(f"error: {ckpt_path} holds a run: --resume continues it; to start over, delete it "
+                 "or choose another --out-dir")
+    if args.resume and not found:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    print(f"part {args.part} on {device} | D={args.hidden} epochs={args.epochs} batch="
-          f"{args.batch_size} lr={args.lr:g} {args.method}")
-    built = model, fast, loss_fn, schedule = build(args, device)
-    if args.benchmark:  # time 20 training steps on random data, after 3 warm-up steps
-        x = torch.rand(args.batch_size, 1, 28, 28, device=device)
-        opt, y = torch.optim.Adam(model.parameters(), lr=args.lr), (10 * x[:, 0, 0, 0]).long()
-        steps = lambda k: [train_step(fast, opt, loss_fn, x, y) for _ in range(k)][-1].item()
-        steps(3)  # warm-up: kernels chosen, --compile compiles; .item() waits for the device
-        t0, _ = time.time(), steps(20)
-        rate = 20 * args.batch_size / (time.time() - t0)
-        print(f"train_img_per_s={rate:.1f}")
-        print(f"projected_{args.epochs}_epoch_s={args.epochs * 60000 / rate:.0f}")
-        return []
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            sys.exit(f"error: {ckpt_path} holds weights of another architecture than this model")
-    os.makedirs(args.out_dir, exist_ok=True)
-    test, files, t0 = load_mnist(args.data_dir, False, device), [], time.time()
-    data = None if args.sample_only else load_mnist(args.data_dir, True, device, args.limit)
+    try:  # --out-dir: created if missing and written to once, before any training
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir).close()
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {args.out_dir!r}: {e.strerror or e}")
+    built, ckpt = restore(args, ckpt_path) if found or args.sample_only else (build(args), None)
+    fast, schedule = built[1], built[3]
+    model = f"D={args.hidden}" + (f" T={args.num_ts}" if args.part == 2 else "")
+    run = f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}"
+    print(f"part {args.part} on {args.device}, {args.precision} | {model} | "
+          + ("sampling" if args.sample_only else run))
+    test = load_mnist(args.data_dir, False, args.device)
+    data = None if args.sample_only else load_mnist(args.data_dir, True, args.device, args.limit)
     title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, lr {args.lr:g}"
+    t0 = time.time()
+    files = []
 
     def pictures(epoch: int, final: bool) -> list:  # the part's pictures, inline when final
         out = (part1_pictures(fast, test[0], args, epoch, final) if args.part == 1 else
-               part2_pictures(fast, schedule, args, epoch, final))
+               part2_pictures(fast, schedule, args, f"samples_epoch{epoch:02d}",
+                              f"after epoch {epoch}", final))
         return save(args.out_dir, out, show=final)
 
     def on_epoch_end(epoch: int, losses: list) -> None:
@@ -582,18 +575,20 @@ def main(argv=None) -> list:
             files.extend(pictures(epoch, epoch == args.epochs))
 
     try:
-        if args.sample_only:
-            files += pictures(ckpt["epoch"], True)
-        else:
+        if not args.sample_only:
             train(args, built, data, ckpt, ckpt_path, on_epoch_end)
-        if args.part == 2 and args.eval:
-            files += save(args.out_dir, evaluate_part2(fast, schedule, args, test))
+        elif not args.digits:
+            files += pictures(ckpt["epoch"], True)
+        if args.digits:
+            out = part2_pictures(fast, schedule, args, f"digits_{args.digits}", args.digits, False,
+                                 args.digits)
+            files += save(args.out_dir, out, show=True)
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: {ckpt_path} holds the last finished epoch; --resume continues")
-    files = sorted(set(files))
-    print(f"done in {time.time() - t0:.1f} s; wrote {len(files)} files under {args.out_dir}: "
-          + ", ".join(os.path.basename(f) for f in files))
-    return files
+        sys.exit(f"interrupted: {ckpt_path} holds every finished epoch; --resume continues"
+                 if os.path.exists(ckpt_path) else "interrupted in the first epoch: nothing saved")
+    names = ", ".join(sorted({os.path.basename(f) for f in files})) or "nothing new"
+    print(f"done in {time.time() - t0:.1f} s; wrote under {args.out_dir}: {names}")
+    return sorted(set(files))
 
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:

@@ -1,5 +1,6 @@
-"""Tests for ddpm_mnist.py. Run: python -m pytest -q (CPU only, no network, about a minute)."""
+"""Tests for ddpm_mnist.py and docs/measure.py. Run: python -m pytest -q (CPU, no network)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,11 @@ from PIL import Image
 import ddpm_mnist as dm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)  # steady on a busy machine; the subprocesses below get one thread too
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+spec = importlib.util.spec_from_file_location("measure", os.path.join(HERE, "docs", "measure.py"))
+measure = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(measure)
 
 
 @pytest.fixture(autouse=True)
@@ -277,8 +283,9 @@ def test_tiny_model_overfits_one_batch():
     x = x.float().unsqueeze(1) / 255
     model = dm.UnconditionalUNet(1, 8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = [dm.train_step(model, opt, lambda net, x, y: dm.denoise_loss(net, x, 0.5), x, None).item()
-              for _ in range(60)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [dm.train_step(model, opt, scaler, lambda net, x, y: dm.denoise_loss(net, x, 0.5), x,
+                            None).item() for _ in range(60)]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -299,25 +306,40 @@ def test_recalibrate_is_the_plain_mean_and_draws_no_random_numbers():
 # --------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flags", [
     ["--epochs", "0"], ["--sigma", "-1"], ["--p-uncond", "1.5"], ["--part", "3"], ["--batch-size", "0"],
-    ["--epochs", "x"], ["--no-such-flag"], ["--eval", "0"], ["--gammas", "1,x"],
-    ["--method", "sde"], ["--preset", "best"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
+    ["--epochs", "x"], ["--no-such-flag"], ["--eval", "3"], ["--gammas", "1,x"], ["--gammas", ""],
+    ["--method", "flow"], ["--preset", "best"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
     ["--sigma", "inf"], ["--sigma", "nan"], ["--guidance-scale", "nan"], ["--guidance-scale", "-inf"],
     ["--gammas", "0,inf"], ["--gammas", "nan"], ["--lr-decay", "nan"], ["--ema", "0.9"],
-    ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"]])
+    ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"], ["--epochs", "1.5"],
+    ["--seed", "-1"], ["--seed", "4294967296"], ["--seed", "18446744073709551616"],
+    ["--precision", "fp8"], ["--digits", "12a"], ["--digits", ""], ["--digits", "²"],
+    ["--part", "1", "--digits", "7"], ["--benchmark"]])
 def test_bad_flags_exit_2_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as e:
         dm.get_args(flags)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error:" in err
+    assert err.count("\n") == 1 and "error:" in err and "invalid parse value" not in err
+    assert "<lambda>" not in err
 
 
-def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+def test_flag_messages_name_the_value_and_negative_gammas_parse(capsys):
+    with pytest.raises(SystemExit):
+        dm.get_args(["--epochs", "1.5"])
+    assert "argument --epochs: '1.5' is not an integer >= 1" in capsys.readouterr().err
+    assert dm.get_args(["--gammas", "-1,2"]).gammas == [-1.0, 2.0]  # no "=" needed
+    assert dm.get_args(["--seed", "4294967295"]).seed == 2 ** 32 - 1
+    assert dm.get_args(["--part", "2", "--digits", "2026"]).digits == "2026"
+
+
+@pytest.mark.parametrize("where", ["taken", "taken/below", "/dev/null", ""])
+def test_unusable_out_dir_is_refused_before_anything_runs(where, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
-        dm.main(["--out-dir", str(tmp_path / "taken")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "--out-dir" in err
+        dm.main(["--out-dir", where, "--data-dir", str(tmp_path / "nowhere")])  # no data either
+    assert str(e.value).startswith(f"error: cannot write to --out-dir {where!r}: ")
+    assert "\n" not in str(e.value) and (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_part_defaults():
@@ -326,23 +348,23 @@ def test_part_defaults():
     assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale) == (20, 300, 0.1, 5.0)
     assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
     assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
-    assert (a2.method, a2.sample_steps, a2.eval, a2.gammas) == ("ddpm", None, None, [0, 1, 3, 5, 10])
+    assert (a2.sample_steps, a2.digits, a2.gammas) == (None, None, [0, 1, 3, 5, 10])
     assert a1.device in ("cuda", "mps", "cpu")
 
 
 def test_help_lists_no_removed_flag(capsys):
     with pytest.raises(SystemExit):
         dm.get_args(["--help"])
-    out = capsys.readouterr().out
-    assert "--eval" in out and "(default: 128)" in out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert "--precision" in out and "(default: 128)" in out and "(default: 0,1,3,5,10)" in out
     for flag in ("--pm1", "--arch", "--amp", "--channels-last", "--bench-steps", "--checkpoint",
-                 "--ema", "--preset", "--clip-x0"):
+                 "--ema", "--preset", "--clip-x0", "--method", "--eval", "--benchmark", "[0.0"):
         assert flag not in out
 
 
 def test_cli_bad_flag_has_no_traceback():
     r = subprocess.run([sys.executable, os.path.join(HERE, "ddpm_mnist.py"), "--p-uncond", "2"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--p-uncond" in r.stderr
 
 
@@ -372,10 +394,14 @@ def test_loader_reads_torchvision_files(mnist_dir):
 def test_missing_data_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused
     with pytest.raises(SystemExit) as e:
-        dm.load_mnist(str(tmp_path), True, torch.device("cpu"))
+        dm.load_mnist(str(tmp_path / "new" / "data"), True, torch.device("cpu"))
     msg = str(e.value)
     assert "--data-dir" in msg and "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "could not be downloaded" in msg
+    assert os.listdir(tmp_path) == []  # the folders the download made are gone again
+    with pytest.raises(SystemExit):
+        dm.load_mnist(str(tmp_path), True, torch.device("cpu"))
+    assert os.listdir(tmp_path) == []  # an existing folder stays, without an empty MNIST/raw
 
 
 def test_part1_end_to_end(mnist_dir, tmp_path, capsys):
@@ -454,8 +480,8 @@ def test_bad_checkpoints_are_one_line_errors(mnist_dir, tmp_path):
         dm.main(tiny_flags(mnist_dir, tmp_path / "empty", "--sample-only"))
 
 
-def test_interrupt_during_pictures_repeats_that_epoch_on_resume(mnist_dir, tmp_path, monkeypatch):
-    flags = tiny_flags(mnist_dir, tmp_path, "--epochs", "2", "--limit", "32")
+def test_interrupt_during_pictures_keeps_that_epoch(mnist_dir, tmp_path, monkeypatch, capsys):
+    flags = tiny_flags(mnist_dir, tmp_path, "--epochs", "3", "--limit", "32")
     real_plot = dm.loss_plot
 
     def interrupt_in_epoch_2(losses, *args):
@@ -464,13 +490,24 @@ def test_interrupt_during_pictures_repeats_that_epoch_on_resume(mnist_dir, tmp_p
         return real_plot(losses, *args)
 
     monkeypatch.setattr(dm, "loss_plot", interrupt_in_epoch_2)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SystemExit, match="part1.pt holds every finished epoch; --resume continues"):
         dm.main(flags)
-    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 2  # saved before
     monkeypatch.setattr(dm, "loss_plot", real_plot)
     files = dm.main(flags + ["--resume"])
-    assert any(f.endswith("part1_denoised_epoch02.png") for f in files)
-    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 2
+    assert "resumed from" in capsys.readouterr().out
+    assert any(f.endswith("part1_denoised_epoch03.png") for f in files)
+    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 3
+
+
+def test_interrupt_in_the_first_epoch_says_nothing_was_saved(mnist_dir, tmp_path, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "recalibrate", interrupt)
+    with pytest.raises(SystemExit, match="^interrupted in the first epoch: nothing saved$"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32"))
+    assert not os.path.exists(tmp_path / "part1.pt")
 
 
 def test_pictures_show_inline_only_in_a_kernel(mnist_dir, tmp_path, monkeypatch):
@@ -485,11 +522,11 @@ def test_pictures_show_inline_only_in_a_kernel(mnist_dir, tmp_path, monkeypatch)
     dm.main(flags)  # no kernel: nothing shown
     assert shown == []
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    dm.main(flags)
+    dm.main(flags + ["--out-dir", str(tmp_path / "kernel")])  # the last --out-dir counts
     assert [os.path.basename(p) for p in shown] == ["part2_samples_epoch02.png", "part2_guidance.png",
                                                      "part2_sampling.gif"]
     shown.clear()
-    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32"))
+    dm.main(tiny_flags(mnist_dir, tmp_path / "part1", "--epochs", "1", "--limit", "32"))
     assert sorted(os.path.basename(p) for p in shown) == ["part1_denoised_epoch01.png",
                                                           "part1_noising.png", "part1_ood.png"]
 
@@ -498,92 +535,273 @@ def test_shell_run_never_imports_ipython(mnist_dir, tmp_path):
     code = (f"import sys, ddpm_mnist; ddpm_mnist.main({tiny_flags(mnist_dir, tmp_path, '--epochs', '1', '--limit', '32')!r})\n"
             "assert 'IPython' not in sys.modules, 'imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-500:]
 
 
-def test_benchmark_prints_name_value_lines(capsys):
-    assert dm.main(["--part", "2", "--benchmark", "--hidden", "4", "--batch-size", "8",
-                    "--num-ts", "5", "--device", "cpu"]) == []
-    lines = capsys.readouterr().out.strip().splitlines()[1:]
-    assert [line.split("=")[0] for line in lines] == ["train_img_per_s", "projected_20_epoch_s"]
-    assert all(float(line.split("=")[1]) > 0 for line in lines)
+
+# --------------------------------------------------------------------------- faults a user can hit
+def test_a_second_run_never_replaces_a_checkpoint(mnist_dir, tmp_path):
+    flags = tiny_flags(mnist_dir, tmp_path, "--epochs", "2", "--limit", "32")
+    dm.main(flags)
+    before = (tmp_path / "part1.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32"))
+    assert "part1.pt holds a run: --resume continues it" in str(e.value)
+    assert "delete it or choose another --out-dir" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "part1.pt").read_bytes() == before
 
 
-# --------------------------------------------------------------------------- beyond the spec
-class FlowOracle(torch.nn.Module):
-    """A perfect velocity for one known x_1: v = (x_1 - x_t) / (1 - t), the straight line's slope."""
-
-    def __init__(self, x_1):
-        super().__init__()
-        self.x_1 = x_1
-
-    def forward(self, x, c, t, mask=None):
-        return (self.x_1.repeat(2, 1, 1, 1) - x) / (1 - t).view(-1, 1, 1, 1)
-
-
-def test_flow_loss_is_zero_for_the_true_velocity():
-    x_1, c = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
-    seen = {}
-
-    def unet(x_t, c, t, mask):
-        seen.update(t=t, mask=mask)
-        t4 = t.view(-1, 1, 1, 1)
-        x_0 = (x_t - t4 * x_1) / (1 - t4)  # invert x_t = (1 - t) x_0 + t x_1
-        return x_1 - x_0
-
-    assert dm.flow_forward(unet, x_1, c, 0.0).item() < 1e-8
-    assert seen["t"].shape == (4,) and 0 <= seen["t"].min() and seen["t"].max() < 1
-    assert seen["mask"].eq(1).all()
-    dm.flow_forward(unet, x_1, c, 1.0)
-    assert seen["mask"].eq(0).all()
+def test_resuming_a_finished_run_says_so(mnist_dir, tmp_path, capsys):
+    flags = tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32")
+    dm.main(flags)
+    before = (tmp_path / "part1.pt").read_bytes()
+    assert dm.main(flags + ["--resume"]) == []
+    out = capsys.readouterr().out
+    assert "after epoch 1; the run is finished (a larger --epochs trains on)" in out
+    assert "wrote under" in out and out.rstrip().endswith("nothing new")
+    assert (tmp_path / "part1.pt").read_bytes() == before
 
 
-def test_flow_sampler_follows_a_perfect_velocity_and_is_seeded():
-    x_1 = torch.rand(2, 1, 28, 28)
-    for steps in (1, 5, 40):
-        x, caches = dm.flow_sample(FlowOracle(x_1), torch.tensor([0, 1]), (28, 28), steps, 3.0, seed=2)
-        torch.testing.assert_close(x, x_1, atol=1e-4, rtol=1e-4)
-        assert len(caches) == sum(dm.cached(k, steps) for k in range(1, steps + 1))
-    unet = dm.ConditionalUNet(1, 10, 4)
-    a, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
-    b, _ = dm.flow_sample(unet, torch.tensor([3]), (28, 28), 4, seed=5)
-    assert torch.equal(a, b) and unet.training
+def test_model_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_path, capsys):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--epochs", "1", "--num-ts", "5",
+                       "--limit", "32"))
+    capsys.readouterr()
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--hidden", "99"))
+    out = capsys.readouterr().out
+    assert f"--hidden 8, not 99: from {tmp_path / 'part2.pt'}" in out
+    assert f"--num-ts 5, not 300: from {tmp_path / 'part2.pt'}" in out
+    assert "| D=8 T=5 | sampling" in out  # the header shows the checkpoint's model
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "labels as images", "label 12"])
+def test_a_bad_mnist_file_is_named(damage, mnist_dir, tmp_path):
+    data = tmp_path / "data"
+    raw = data / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in os.listdir(os.path.join(mnist_dir, "MNIST", "raw")):
+        (raw / f).write_bytes(open(os.path.join(mnist_dir, "MNIST", "raw", f), "rb").read())
+    images, labels = raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"
+    bad = labels if damage == "label 12" else images
+    bad.write_bytes({"truncated": images.read_bytes()[:1000], "empty": b"",
+                     "random": bytes(range(256)) * 40, "labels as images": labels.read_bytes(),
+                     "label 12": labels.read_bytes()[:-1] + bytes([12])}[damage])
+    with pytest.raises(SystemExit) as e:
+        dm.load_mnist(str(data), True, "cpu")
+    assert str(e.value).startswith(f"error: {bad} is not an MNIST ")
+    assert "delete it to download it again" in str(e.value) and "\n" not in str(e.value)
+    assert "downloaded" not in str(e.value)
+
+
+def test_images_and_labels_of_different_counts_are_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n, m in (("train", 30, 20), ("t10k", 10, 10)):
+        images, labels = fake_digits(n, seed=0)
+        write_idx(str(raw / f"{split}-images-idx3-ubyte"), images)
+        write_idx(str(raw / f"{split}-labels-idx1-ubyte"), labels[:m])
+    with pytest.raises(SystemExit, match="holds 30 images but 20 labels"):
+        dm.load_mnist(str(tmp_path), True, "cpu")
+    assert dm.load_mnist(str(tmp_path), False, "cpu")[0].shape == (10, 1, 28, 28)
+
+
+@pytest.mark.parametrize("ckpt", [{"epoch": 1}, {"args": [1, 2]}, [1, 2, 3], "text",
+                                  {"model": {}, "optimizer": {}, "epoch": 1, "args": "part=1",
+                                   "rng": {}, "losses": []}])
+def test_a_foreign_checkpoint_is_one_line(ckpt, mnist_dir, tmp_path):
+    torch.save(ckpt, tmp_path / "part1.pt")
+    with pytest.raises(SystemExit) as e:
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only"))
+    assert str(e.value) == f"error: {tmp_path / 'part1.pt'} is not a Part 1 checkpoint of this script"
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_epoch(mnist_dir, tmp_path, monkeypatch):
+    real = dm.denoise_loss
+    calls = []
+
+    def diverge(unet, x, sigma):  # one step per epoch plus 1 re-estimation pass: epoch 2 diverges
+        calls.append(1)
+        return real(unet, x, sigma) * (math.nan if len(calls) == 3 else 1)
+
+    monkeypatch.setattr(dm, "denoise_loss", diverge)
+    with pytest.raises(SystemExit) as e:
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "3", "--limit", "32"))
+    assert str(e.value) == (f"error: the loss is not finite in epoch 2; {tmp_path / 'part1.pt'} "
+                            "keeps epoch 1; lower --lr")
+    assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_samples_are_reported_and_drawn_grey(capsys):
+    nan_unet = dm.ConditionalUNet(1, 10, 4)
+    nan_unet.forward = lambda x, c, t, mask=None: torch.full_like(x, math.nan)
+    x, _ = dm.sample(nan_unet, torch.tensor([1, 2, 3]), dm.ddpm_schedule(1e-4, 0.02, 5),
+                     sample_args("--num-ts", "5"), 5.0)
+    assert "warning: 3 of 3 samples at gamma 5 are not finite (drawn grey)" in capsys.readouterr().out
+    pixels = set(dm.grid(x, 3, "nan").tobytes())
+    assert 127 in pixels and 0 not in pixels  # grey (and white title space), not black
+
+
+def test_seeds_up_to_2_32_sample(capsys):
+    unet, s = dm.ConditionalUNet(1, 10, 4), dm.ddpm_schedule(1e-4, 0.02, 5)
+    x, _ = dm.ddpm_sample(unet, torch.tensor([0]), (28, 28), s, 5, seed=2 ** 32 - 1)
+    assert x.isfinite().all()
+
+
+def test_the_first_progress_line_warns_of_a_long_run_once(mnist_dir, tmp_path, monkeypatch, capsys):
+    clock = iter(range(0, 10 ** 9, 4000))  # each look at the clock: 4000 s later
+    monkeypatch.setattr(dm.time, "time", lambda: next(clock))
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "2", "--limit", "64"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "h on the cpu: try --hidden 32 --epochs 2 first" in notes[0]
+
+
+def test_the_repository_ignores_what_runs_write():
+    ignored = open(os.path.join(HERE, ".gitignore")).read().split()
+    assert {"out/", "data/", "*.pt", "__pycache__/"} <= set(ignored)
+    assert not os.path.exists(os.path.join(HERE, "qE.sh"))
+
+
+# --------------------------------------------------------------------------- precision
+def test_precision_is_chosen_by_the_device():
+    assert dm.default_precision("cuda", (7, 5)) == "fp16"  # T4: fp16 tensor cores, slow fp32
+    assert dm.default_precision("cuda", (7, 0)) == "fp16"  # V100
+    assert dm.default_precision("cuda", (8, 0)) == "tf32"  # A100 and newer
+    assert dm.default_precision("cuda", (9, 0)) == "tf32"  # H100, H200
+    assert dm.default_precision("cpu") == dm.default_precision("mps") == "fp32"
+    assert dm.get_args(["--device", "cpu"]).precision == "fp32"
+    assert dm.get_args(["--device", "cpu", "--precision", "fp16"]).precision == "fp16"
+
+
+def test_fp16_trains_with_a_scaler_and_resumes_bit_identically(mnist_dir, tmp_path, capsys):
+    flags = ["--part", "2", "--num-ts", "5", "--limit", "32", "--precision", "fp16"]
+    dm.main(tiny_flags(mnist_dir, tmp_path / "full", *flags, "--epochs", "2"))
+    assert "part 2 on cpu, fp16 |" in capsys.readouterr().out
+    dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "1"))
+    dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "2", "--resume"))
+    a = torch.load(tmp_path / "full" / "part2.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "part2.pt", weights_only=True)
+    assert a["scaler"]["scale"] > 0 and a["scaler"] == b["scaler"] and a["losses"] == b["losses"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(map(math.isfinite, a["losses"]))
+
+
+def test_sampling_under_autocast_is_finite():
+    unet, s = dm.ConditionalUNet(1, 10, 4), dm.ddpm_schedule(1e-4, 0.02, 5)
+    for precision in ("fp16", "bf16"):
+        x, caches = dm.sample(unet, torch.tensor([3, 4]), s, sample_args("--num-ts", "5",
+                                                                         "--precision", precision), 5)
+        assert x.dtype == torch.float32 and x.isfinite().all() and len(caches) == 5
+
+
+# --------------------------------------------------------------------------- chosen digits
+def test_digits_from_a_saved_model_leave_the_run_untouched(mnist_dir, tmp_path):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--epochs", "1", "--num-ts", "5",
+                       "--limit", "32"))
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--digits",
+                               "2026"))
+    assert [os.path.basename(f) for f in files] == ["part2_digits_2026.png"]
+    assert Image.open(files[0]).size == (cells(4), cells(4) + 30)  # 4 columns, 4 rows
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    files = dm.main(tiny_flags(mnist_dir, tmp_path / "new", "--part", "2", "--epochs", "1",
+                               "--num-ts", "5", "--limit", "32", "--digits", "7"))
+    assert "part2_digits_7.png" in {os.path.basename(f) for f in files}  # after training, too
+
+
+def test_restore_gives_what_ddpm_sample_needs(mnist_dir, tmp_path):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--epochs", "1", "--num-ts", "5",
+                       "--limit", "32"))
+    args = dm.get_args(["--part", "2", "--device", "cpu"])
+    (unet, _, _, schedule), ckpt = dm.restore(args, str(tmp_path / "part2.pt"))  # the README's
+    x_0, caches = dm.ddpm_sample(unet, torch.tensor([2, 0, 2, 6]), (28, 28), schedule, args.num_ts)
+    assert x_0.shape == (4, 1, 28, 28) and len(caches) == 5 and args.hidden == 8 and ckpt["epoch"] == 1
+    ref = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--digits", "2026",
+                             "--guidance-scale", "5"))
+    assert Image.open(ref[0]).size == (cells(4), cells(4) + 30)
+
+
+# --------------------------------------------------------------------------- docs/measure.py
+def test_benchmark_prints_speed_flops_and_the_projected_run(capsys):
+    out = measure.main(["--part", "2", "--benchmark", "--hidden", "4", "--batch-size", "8",
+                        "--num-ts", "5", "--device", "cpu", "--limit", "100", "--epochs", "3"])
+    assert list(out) == ["train_img_per_s", "achieved_tflop_per_s", "projected_3_epoch_s"]
+    assert all(v > 0 for v in out.values())
+    step_s = 8 / out["train_img_per_s"]
+    assert out["projected_3_epoch_s"] == pytest.approx(3 * 13 * step_s)  # 100 images: 13 batches
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("benchmark: part 2, D=4, batch 8, fp32 on cpu")
+    assert [line.split("=")[0] for line in printed[1:]] == list(out)
+
+
+def test_measure_wants_one_task(capsys):
+    for argv in ([], ["--eval", "--benchmark"]):
+        with pytest.raises(SystemExit) as e:
+            measure.main(argv)
+        assert e.value.code == 2
+    assert "--eval [N]" in capsys.readouterr().err
 
 
 def test_frechet_distance_closed_forms():
     f = torch.randn(500, 6, dtype=torch.float64)
     f = f - f.mean(0)
     m = torch.arange(6.0, dtype=torch.float64)
-    assert abs(dm.frechet_distance(f, f)) < 1e-6
-    assert abs(dm.frechet_distance(f, f + m) - (m ** 2).sum().item()) < 1e-6  # ||mu1 - mu2||^2
-    assert abs(dm.frechet_distance(f, 2 * f) - torch.cov(f.T).trace().item()) < 1e-6  # S + 4S - 4S
+    assert abs(measure.frechet_distance(f, f)) < 1e-6
+    assert abs(measure.frechet_distance(f, f + m) - (m ** 2).sum().item()) < 1e-6  # ||mu1 - mu2||^2
+    assert abs(measure.frechet_distance(f, 2 * f) - torch.cov(f.T).trace().item()) < 1e-6
+    nan = torch.full((10, 6), math.nan, dtype=torch.float64)
+    assert math.isnan(measure.frechet_distance(nan, f))  # reported, not computed (no crash)
 
 
 def test_eval_part2_writes_a_table_and_json(mnist_dir, tmp_path, capsys):
-    files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--epochs", "1",
-                               "--eval", "2", "--gammas", "0,5", "--method", "flow",
-                               "--sample-steps", "3"))
-    assert str(tmp_path / "part2_eval.json") in files and os.path.exists(tmp_path / "classifier.pt")
-    report = json.load(open(tmp_path / "part2_eval.json"))
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--epochs", "1"))
+    report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "2", "--gammas",
+                                     "0,5", "--sample-steps", "3"))
+    assert os.path.exists(tmp_path / "classifier.pt")
+    assert json.load(open(tmp_path / "part2_eval.json")) == json.loads(json.dumps(report))
     assert list(report["rows"]) == ["real", "gamma=0", "gamma=5"] and report["n_per_digit"] == 2
     for r in report["rows"].values():
-        assert 0 <= r["accuracy"] <= 1 and r["frechet"] >= -1e-6
+        assert 0 <= r["accuracy"] <= 1 and r["frechet"] >= -1e-6 and r["not_finite"] == 0
         assert len(r["per_digit"]) == 10
     out = capsys.readouterr().out
     assert "per digit" in out and "gamma=5" in out and "training one" in out and "test accuracy" in out
     (tmp_path / "classifier.pt").write_bytes(b"broken")  # a damaged cache is replaced, not fatal
-    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--eval", "1",
-                       "--gammas", "5"))
+    measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "1", "--gammas", "5"))
     assert "training one" in capsys.readouterr().out
     assert list(json.load(open(tmp_path / "part2_eval.json"))["rows"]) == ["real", "gamma=5"]
 
 
+def test_eval_counts_non_finite_samples(mnist_dir, tmp_path, monkeypatch, capsys):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--epochs", "1"))
+    real_sample = dm.sample
+
+    def half_nan(unet, c, schedule, args, gamma):
+        x, caches = real_sample(unet, c, schedule, args, gamma)
+        x[::2] = math.nan  # every other sample, digit 0 among them
+        return x, caches
+
+    monkeypatch.setattr(dm, "sample", half_nan)
+    report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "2",
+                                     "--gammas", "5"))
+    row = report["rows"]["gamma=5"]
+    assert row["not_finite"] == 10 and row["frechet"] is None and row["accuracy"] <= 0.5
+    assert row["per_digit"][0] == 0 and "nan" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "part2_eval.json"))["rows"]["gamma=5"]["frechet"] is None
+
+
 def test_eval_part1_psnr_per_sigma(mnist_dir, tmp_path, capsys):
-    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32", "--eval"))
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32"))
+    capsys.readouterr()
+    report = measure.main(tiny_flags(mnist_dir, tmp_path, "--eval"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test MSE")]
     assert [line.split()[4][:-1] for line in lines] == [f"{s:g}" for s in dm.SIGMAS]
-    noisy = {float(line.split()[4][:-1]): float(line.split()[9][:-1]) for line in lines}
-    assert noisy[0.0] == 0 and abs(noisy[0.5] - 0.25) < 0.02  # the noisy input's MSE is sigma^2
-    psnr = float(lines[3].split("PSNR ")[1].split()[0])
-    assert psnr == pytest.approx(-10 * math.log10(float(lines[3].split()[6][:-1])), abs=0.05)
+    rows = report["rows"]
+    assert rows["sigma=0"]["noisy_input"] == 0 and abs(rows["sigma=0.5"]["noisy_input"] - 0.25) < 0.02
+    assert rows["sigma=0.5"]["psnr"] == pytest.approx(-10 * math.log10(rows["sigma=0.5"]["denoised"]))
+
+
+def test_measure_runs_from_the_shell(mnist_dir, tmp_path):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "docs", "measure.py"),
+                        *tiny_flags(mnist_dir, tmp_path, "--eval")], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0 and r.stdout.count("test MSE at sigma") == 7, r.stderr[-500:]

@@ -1,0 +1,165 @@
+"""docs/measure.py: the yardsticks behind docs/results.md, for runs of ddpm_mnist.py.
+
+    python docs/measure.py --part 2 --out-dir out --eval 20      # a judge on 20 samples per digit
+    python docs/measure.py --part 1 --out-dir out --eval         # test MSE and PSNR at each sigma
+    python docs/measure.py --part 2 --benchmark                  # 20 training steps: img/s, TFLOP/s
+
+--eval reads OUT_DIR/partN.pt as `ddpm_mnist.py --sample-only` does; every other flag is
+ddpm_mnist.py's (--gammas, --sample-steps, --precision, --device, --hidden for --benchmark, ...).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ddpm_mnist as dm  # noqa: E402  (the file one folder up)
+
+
+def get_classifier(args, test: tuple) -> nn.Sequential:
+    """The judge: a CNN trained once (3 epochs, seed 0, 99.47%), kept as OUT_DIR/classifier.pt."""
+    path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
+    torch.manual_seed(0)
+    conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+    clf = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128),
+                        nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+    clf = clf.to(device)  # clf[:-2]: the (N, 128) features
+    try:
+        clf.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return clf.eval().requires_grad_(False)
+    except Exception as e:  # none yet, or a truncated or foreign file: train one
+        print(f"eval classifier: no usable {path} ({type(e).__name__}), training one")
+    train_x, train_y = dm.load_mnist(args.data_dir, True, device)
+    opt, g = torch.optim.Adam(clf.parameters()), torch.Generator(device).manual_seed(0)
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, 3 * math.ceil(len(train_x) / 128))
+    shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
+                                 (2, 3))  # the batch moved by up to 2 px down and right
+    fp32 = torch.amp.GradScaler(enabled=False)  # the judge trains in fp32
+    for _ in range(3):
+        for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
+            dm.train_step(clf, opt, fp32, lambda net, x, y: F.cross_entropy(net(shift(x)), y),
+                          train_x[idx], train_y[idx])
+            lr.step()
+    torch.save(clf.state_dict(), path)
+    return clf.eval().requires_grad_(False)
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
+    f1, f2 = f1.double().cpu(), f2.double().cpu()
+    if not (f1.isfinite().all() and f2.isfinite().all()):
+        return math.nan  # not finite; oneMKL's eigvals would crash the process on NaN
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
+    root = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()  # tr (S1 S2)^1/2
+    return (((f1.mean(0) - f2.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * root).item()
+
+
+def evaluate_part2(net, schedule: dict, args, test: tuple, n: int) -> dict:
+    """The judge on n samples per digit at each of --gammas, and on n real test digits of each."""
+    (test_x, test_y), clf = test, get_classifier(args, test)
+    features = lambda x: torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])  # (N, 128)
+    ref = features(test_x)  # the whole test set's
+    clf_acc, rows = (clf[-1](ref).argmax(1) == test_y).float().mean().item(), {}
+    real = torch.cat([torch.nonzero(test_y == d)[:n, 0] for d in range(10)])  # n per digit
+    c = torch.arange(10, device=test_x.device).repeat(n)  # (10 n,)
+    print(f"judge's test accuracy {clf_acc:.2%}\n"
+          f"{'samples':>12} | accuracy | frechet | not finite | per digit")
+    for name in ["real"] + [f"gamma={g:g}" for g in args.gammas]:
+        x, y = (test_x[real], test_y[real]) if name == "real" else (
+            dm.sample(net, c, schedule, args, float(name[6:]))[0], c)
+        f = features(x)
+        finite = x.flatten(1).isfinite().all(1)  # (N, 784) -> (N,): no NaN or inf pixel
+        hit = ((clf[-1](f).argmax(1) == y) & finite).float()  # (N,): 1 where the judge reads y
+        fd = frechet_distance(f, ref)
+        rows[name] = r = dict(accuracy=hit.mean().item(), frechet=None if math.isnan(fd) else fd,
+                              not_finite=int((~finite).sum()),
+                              per_digit=[hit[y == d].mean().item() for d in range(10)])
+        print(f"{name:>12} | {r['accuracy']:8.1%} | {fd:7.2f} | {r['not_finite']:10} |",
+              " ".join(f"{v:.0%}" for v in r["per_digit"]), flush=True)
+    return dict(n_per_digit=n, classifier_accuracy=clf_acc, rows=rows, args=vars(args))
+
+
+@torch.no_grad()
+def evaluate_part1(net, args, test_x: torch.Tensor) -> dict:
+    """Test MSE and PSNR (peak 1) of the denoised digits and of the noisy input at each sigma."""
+    net.eval()
+    rows = {}
+    for sigma in dm.SIGMAS:
+        g, mse = torch.Generator().manual_seed(args.seed), [0.0, 0.0]  # denoised, noisy input
+        for x in test_x.split(1000):
+            z = x + sigma * torch.randn(x.shape, generator=g).to(x.device)
+            mse[0] += F.mse_loss(net(z), x, reduction="sum").item() / test_x.numel()
+            mse[1] += F.mse_loss(z, x, reduction="sum").item() / test_x.numel()
+        psnr = -10 * math.log10(mse[0]) if mse[0] > 0 else math.inf
+        rows[f"sigma={sigma:g}"] = dict(denoised=mse[0], noisy_input=mse[1], psnr=psnr)
+        print(f"test MSE at sigma {sigma:g}: denoised {mse[0]:.4f}, noisy input {mse[1]:.4f}; "
+              f"denoised PSNR {psnr:.2f} dB")
+    return dict(rows=rows, args=vars(args))
+
+
+def benchmark(args) -> dict:
+    """20 training steps on random data after 3 warm-up steps, and what they imply for a run."""
+    model, fast, loss_fn, _ = dm.build(args)
+    x = torch.rand(args.batch_size, 1, 28, 28, device=args.device)
+    y = (10 * x[:, 0, 0, 0]).long()  # labels 0-9
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
+    with FlopCounterMode(display=False) as flops:  # one eager step, counted once
+        dm.train_step(model, opt, scaler, loss_fn, x, y)
+    steps = lambda k: [dm.train_step(fast, opt, scaler, loss_fn, x, y) for _ in range(k)][-1].item()
+    steps(3)  # warm-up: kernels chosen, --compile compiles; .item() waits for the device
+    t0 = time.time()
+    steps(20)
+    step_s = (time.time() - t0) / 20
+    images = min(args.limit or 60000, 60000)  # what a run with these flags trains on
+    out = {"train_img_per_s": args.batch_size / step_s,
+           "achieved_tflop_per_s": flops.get_total_flops() / step_s / 1e12,
+           f"projected_{args.epochs}_epoch_s": args.epochs * math.ceil(images / args.batch_size)
+           * step_s}
+    print(f"benchmark: part {args.part}, D={args.hidden}, batch {args.batch_size}, "
+          f"{args.precision} on {args.device}")
+    for k, v in out.items():
+        print(f"{k}={v:.4g}")
+    return out
+
+
+def main(argv=None) -> dict:
+    """--eval [N] or --benchmark, with ddpm_mnist.py's flags; returns what it printed."""
+    p = dm.ArgumentParser(prog="docs/measure.py", description="Score or time ddpm_mnist.py",
+                          epilog="Other flags are ddpm_mnist.py's: python ddpm_mnist.py --help.")
+    p.add_argument("--eval", type=dm.count, nargs="?", const=20, metavar="N",
+                   help="Part 1: test PSNR at each sigma; Part 2: a judge on N samples per digit "
+                        "(N 20)")
+    p.add_argument("--benchmark", action="store_true", help="time 20 training steps")
+    own, rest = p.parse_known_args(argv)
+    if bool(own.eval) == own.benchmark:
+        p.error("give one of --eval [N] or --benchmark")
+    args = dm.get_args(rest + (["--sample-only"] if own.eval else []))
+    tf32 = args.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.manual_seed(args.seed)
+    if own.benchmark:
+        return benchmark(args)
+    (model, fast, _, schedule), _ = dm.restore(args, os.path.join(args.out_dir,
+                                                                   f"part{args.part}.pt"))
+    test = dm.load_mnist(args.data_dir, False, args.device)
+    if args.part == 1:
+        return evaluate_part1(fast, args, test[0])
+    report = evaluate_part2(fast, schedule, args, test, own.eval)
+    path = os.path.join(args.out_dir, "part2_eval.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
