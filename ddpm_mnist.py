@@ -264,13 +264,14 @@ def restore(args, path: str) -> tuple:
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__})")
     kinds = dict(model=dict, optimizer=dict, epoch=int, args=dict, rng=dict, losses=list)
     if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in kinds.items())
-            and ckpt["args"].get("part") == args.part  # and not --method flow's, which is gone
-            and ckpt["args"].get("method", "ddpm") == "ddpm"):
+            and ckpt["args"].get("part") == args.part and "cpu" in ckpt["rng"]
+            and ckpt["args"].get("method", "ddpm") == "ddpm"):  # --method flow's is gone
         sys.exit(f"error: {path} is not a Part {args.part} checkpoint of this script")
     for k in ("hidden", "num_ts"):  # the model is the checkpoint's, whatever the flags
-        if ckpt["args"].get(k, vars(args)[k]) != vars(args)[k]:
-            print(f"--{k.replace('_', '-')} {ckpt['args'][k]}, not {vars(args)[k]}: from {path}")
-            setattr(args, k, ckpt["args"][k])
+        v = ckpt["args"].get(k, vars(args)[k])
+        if v != vars(args)[k]:
+            print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {vars(args)[k]}")
+            setattr(args, k, v)
     built = build(args)
     try:
         built[0].load_state_dict(ckpt["model"])
@@ -502,7 +503,8 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count, metavar="N")
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count, metavar="N")
     add("--lr", "Adam's learning rate (default: 1e-4 or 1e-3 by part)", type=between(1e-12, 1e3))
-    add("--lr-decay", "lr decays to F * lr (default: 1 or 0.1 by part)", type=between(1e-12, 1))
+    add("--lr-decay", "lr decays exponentially to F * lr (default: 1 or 0.1 by part)", metavar="F",
+        type=between(1e-12, 1))
     add("--hidden", "UNet width D", 128, type=count, metavar="D")
     add("--seed", "random seed, 0 to 2^32 - 1", 0, type=seed, metavar="S")
     add("--device", "the first available of cuda, mps, cpu", devices[0], choices=devices)
@@ -553,7 +555,7 @@ def main(argv=None) -> list:
     built, ckpt = restore(args, ckpt_path) if found or args.sample_only else (build(args), None)
     fast, schedule = built[1], built[3]
     model = f"D={args.hidden}" + (f" T={args.num_ts}" if args.part == 2 else "")
-    run = f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}"
+    run = f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr:g}"
     print(f"part {args.part} on {args.device}, {args.precision} | {model} | "
           + ("sampling" if args.sample_only else run))
     test = load_mnist(args.data_dir, False, args.device)

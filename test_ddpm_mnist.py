@@ -569,8 +569,8 @@ def test_model_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_pat
     capsys.readouterr()
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--hidden", "99"))
     out = capsys.readouterr().out
-    assert f"--hidden 8, not 99: from {tmp_path / 'part2.pt'}" in out
-    assert f"--num-ts 5, not 300: from {tmp_path / 'part2.pt'}" in out
+    assert f"{tmp_path / 'part2.pt'} has --hidden 8: using it, not 99" in out
+    assert f"{tmp_path / 'part2.pt'} has --num-ts 5: using it, not 300" in out
     assert "| D=8 T=5 | sampling" in out  # the header shows the checkpoint's model
 
 
@@ -607,7 +607,11 @@ def test_images_and_labels_of_different_counts_are_refused(tmp_path):
 
 @pytest.mark.parametrize("ckpt", [{"epoch": 1}, {"args": [1, 2]}, [1, 2, 3], "text",
                                   {"model": {}, "optimizer": {}, "epoch": 1, "args": "part=1",
-                                   "rng": {}, "losses": []}])
+                                   "rng": {}, "losses": []},
+                                  {"model": {}, "optimizer": {}, "epoch": 1, "args": {"part": 1},
+                                   "rng": {}, "losses": []},
+                                  {"model": {}, "optimizer": {}, "epoch": 1, "losses": [],
+                                   "args": {"part": 1, "method": "flow"}, "rng": {"cpu": 0}}])
 def test_a_foreign_checkpoint_is_one_line(ckpt, mnist_dir, tmp_path):
     torch.save(ckpt, tmp_path / "part1.pt")
     with pytest.raises(SystemExit) as e:
