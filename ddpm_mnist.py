@@ -34,7 +34,7 @@ from torchvision.utils import make_grid
 
 
 # --------------------------------------------------------------------------- Part 1: the UNet
-# The spec's operations, each a function that returns its layers (figures/atomic_ops_new.png).
+# The spec's operations, each a function that returns its layers (the spec's atomic_ops figure).
 def Conv(cin: int, cout: int) -> nn.Sequential:  # (Din, H, W) -> (Dout, H, W)
     return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.GELU())
 
@@ -77,10 +77,10 @@ class UnconditionalUNet(nn.Module):
         e2 = self.down2(e1)  # (N, 2D, 7, 7)
         u0 = self.unflatten(self.flatten(e2))  # (N, 2D, 1, 1) -> (N, 2D, 7, 7)
         if film1 is not None:
-            u0 = film1[0][:, :, None, None] * u0 + film1[1][:, :, None, None]  # (N, 2D, 1, 1)
+            u0 = film1[0][:, :, None, None] * u0 + film1[1][:, :, None, None]  # (N, 2D, 7, 7)
         u1 = self.up1(torch.cat([e2, u0], 1))  # (N, 4D, 7, 7) -> (N, D, 14, 14)
         if film2 is not None:
-            u1 = film2[0][:, :, None, None] * u1 + film2[1][:, :, None, None]  # (N, D, 1, 1)
+            u1 = film2[0][:, :, None, None] * u1 + film2[1][:, :, None, None]  # (N, D, 14, 14)
         u2 = self.up2(torch.cat([e1, u1], 1))  # (N, 2D, 14, 14) -> (N, D, 28, 28)
         return self.head(self.conv_out(torch.cat([e0, u2], 1)))  # (N, 2D, ...) -> (N, 1, 28, 28)
 
@@ -200,7 +200,7 @@ def sample(unet: nn.Module, c: torch.Tensor, schedule: dict, args, gamma: float)
         else:
             x, caches = ddpm_sample(unet, c, (28, 28), schedule, T, gamma, args.seed)
     if bad := int((~x.isfinite()).flatten(1).any(1).sum()):  # (N, 784) -> (N,): NaN or inf
-        print(f"warning: {bad} of {len(x)} samples at gamma {gamma:g} are not finite (drawn grey)")
+        print(f"warning: {bad} of {len(x)} samples at gamma {gamma:g} are not finite")
     return x, caches
 
 
@@ -222,7 +222,6 @@ def load_mnist(root: str, train: bool, device: str, limit=None) -> tuple:
             shutil.rmtree(new, ignore_errors=True)
         sys.exit(f"error: MNIST is not in {raw} and could not be downloaded. Put "
                  f"{', '.join(files)} there, or pass --data-dir.")
-
     def read(kind: str, shape: tuple) -> torch.Tensor:  # uint8 (N, *shape) by torchvision's reader
         path = os.path.join(raw, f"{'train' if train else 't10k'}-{kind}-ubyte")
         with contextlib.suppress(Exception):  # empty, truncated, random bytes: many kinds of errors
@@ -231,8 +230,7 @@ def load_mnist(root: str, train: bool, device: str, limit=None) -> tuple:
                 if shape != () or v.max() <= 9:  # labels are digits
                     return v
         sys.exit(f"error: {path} is not an MNIST {kind[:6]} file (empty, truncated or another "
-                 "file): delete it to download it again")
-
+                 "file): delete it to download it again, or put the right file there")
     x, y = read("images-idx3", (28, 28)), read("labels-idx1", ())  # (N, 28, 28), (N,)
     if len(x) != len(y):
         sys.exit(f"error: {raw} holds {len(x)} images but {len(y)} labels of one split: "
@@ -254,6 +252,8 @@ def build(args) -> tuple:
     fast = torch.compile(model, mode="reduce-overhead") if args.compile else model
     return model, fast, amp(loss_fn), schedule  # the loss under --precision's autocast
 
+RUN_FLAGS = ("hidden", "num_ts", "sigma", "p_uncond", "batch_size", "lr", "lr_decay", "limit")
+
 def restore(args, path: str) -> tuple:
     """build() the model of the checkpoint at path, with its weights; any problem is one line."""
     try:
@@ -264,10 +264,11 @@ def restore(args, path: str) -> tuple:
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__})")
     kinds = dict(model=dict, optimizer=dict, epoch=int, args=dict, rng=dict, losses=list)
     if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in kinds.items())
-            and ckpt["args"].get("part") == args.part and "cpu" in ckpt["rng"]
-            and ckpt["args"].get("method", "ddpm") == "ddpm"):  # --method flow's is gone
+            and ckpt["args"].get("part") == args.part and "param_groups" in ckpt["optimizer"]
+            and isinstance(ckpt["rng"].get("cpu"), torch.Tensor) and isinstance(ckpt["args"].get(
+                "hidden"), int) and ckpt["args"].get("method", "ddpm") == "ddpm"):  # flow is gone
         sys.exit(f"error: {path} is not a Part {args.part} checkpoint of this script")
-    for k in ("hidden", "num_ts"):  # the model is the checkpoint's, whatever the flags
+    for k in RUN_FLAGS:  # the run is the checkpoint's, whatever the flags say
         v = ckpt["args"].get(k, vars(args)[k])
         if v != vars(args)[k]:
             print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {vars(args)[k]}")
@@ -305,15 +306,14 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
     steps = math.ceil(n / args.batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=train_x.is_cuda)
     scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    start, losses = 1, []
+    start, losses = (ckpt["epoch"] + 1, ckpt["losses"]) if ckpt else (1, [])
     if ckpt is not None:  # the weights are loaded already
         opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # an fp16 run's loss scale
             scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        if ckpt["rng"].get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start, losses = ckpt["epoch"] + 1, ckpt["losses"]
         end = "" if start <= args.epochs else "; the run is finished (a larger --epochs trains on)"
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}{end}")
     notice = args.device != "cuda"  # once, at the first progress line: a long run on a slow device
@@ -326,9 +326,9 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
         for i, idx in enumerate(torch.randperm(n, device=train_x.device).split(args.batch_size)):
             epoch_losses.append(train_step(fast, opt, scaler, loss_fn, train_x[idx], train_y[idx]))
             if time.time() - t_print > 5 or i + 1 == steps:
-                if not torch.stack(epoch_losses).isfinite().all():  # the last checkpoint stays
+                if not (torch.stack(epoch_losses) < 1e3).all():  # NaN, inf or blown up: stop
                     kept = f"{ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 else "nothing saved"
-                    sys.exit(f"error: the loss is not finite in epoch {epoch}; {kept}; lower --lr")
+                    sys.exit(f"error: the loss diverged in epoch {epoch}; {kept}; lower --lr")
                 t_print = time.time()
                 done = min((i + 1) * args.batch_size, n)
                 rate = done / (t_print - t_epoch)  # images per second in this epoch
@@ -343,10 +343,13 @@ def train(args, built: tuple, data: tuple, ckpt, ckpt_path: str, on_epoch_end) -
         losses += torch.stack(epoch_losses).float().tolist()
         rng = dict(cpu=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                        losses=losses, args=vars(args), rng=rng, scaler=scaler.state_dict()),
-                   ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted save keeps the old file
+        try:  # atomic: an interrupted or failed save keeps the old file
+            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                            losses=losses, args=vars(args), rng=rng, scaler=scaler.state_dict()),
+                       ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+        except (OSError, RuntimeError) as e:  # a full disk, a lost mount
+            sys.exit(f"error: cannot save {ckpt_path} ({e}); the file there keeps the last epoch")
         on_epoch_end(epoch, losses)  # the pictures: an interrupt there loses no training
 
 
@@ -476,10 +479,9 @@ def checked(convert, ok, what: str):
     return parse
 
 count = checked(int, lambda v: v >= 1, "an integer >= 1")
-number = checked(float, math.isfinite, "a finite number")
 between = lambda lo, hi: checked(float, lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}]")
-numbers = checked(lambda s: [float(v) for v in s.split(",")], lambda v: all(map(math.isfinite, v)),
-                  "finite numbers such as 0,1,5")
+numbers = checked(lambda s: [float(v) for v in s.split(",")],
+                  lambda v: all(abs(g) <= 1e6 for g in v), "numbers in [-1e6, 1e6] such as 0,1,5")
 digits = checked(str, lambda s: s.isascii() and s.isdigit() and len(s) <= 40, "1 to 40 digits")
 seed = checked(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32 - 1]")
 
@@ -513,16 +515,16 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--data-dir", "torchvision's MNIST root", "data", metavar="DIR")
     add("--out-dir", "where a run writes; its checkpoint needs --resume", "out", metavar="DIR")
     add("--limit", "train on the first N images (default: all)", type=count, metavar="N")
-    add("--resume", "continue from OUT_DIR/partN.pt", False, action="store_true")
-    add("--compile", "torch.compile with CUDA graphs (faster on CUDA)", False, action="store_true")
+    add("--resume", "continue from OUT_DIR/partN.pt", action="store_true")
+    add("--sample-only", "the final pictures of OUT_DIR/partN.pt", action="store_true")
+    add("--compile", "torch.compile with CUDA graphs (faster on CUDA)", action="store_true")
     g = p.add_argument_group("part 1")
     add("--sigma", "training noise level", 0.5, type=between(0, 1e3))
     g = p.add_argument_group("part 2")
     add("--num-ts", "diffusion steps T", 300, type=count, metavar="T")
     add("--p-uncond", "class dropout probability", 0.1, type=between(0, 1), metavar="P")
-    add("--sample-only", "the final pictures of OUT_DIR/partN.pt", False, action="store_true")
     add("--digits", "draw 4 samples of each of these digits, such as 2026", type=digits)
-    add("--guidance-scale", "CFG gamma of the grids", 5.0, type=number, metavar="G")
+    add("--guidance-scale", "CFG gamma of the grids", 5.0, type=between(-1e6, 1e6), metavar="G")
     add("--gammas", "gammas of the final sweep picture", "0,1,3,5,10", type=numbers, metavar="G,G")
     add("--sample-steps", "sample on K of the T steps (default: T)", type=count, metavar="K")
     argv = [] if argv is None and "ipykernel" in sys.modules else argv
@@ -530,8 +532,7 @@ def get_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)  # flags given win over these per-part defaults
     if args.digits and args.part == 1:
         p.error("--digits needs --part 2")
-    if args.precision == "auto":
-        args.precision = default_precision(args.device)
+    args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
     return args
 
 def main(argv=None) -> list:
@@ -547,11 +548,6 @@ def main(argv=None) -> list:
                  "or choose another --out-dir")
     if args.resume and not found:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    try:  # --out-dir: created if missing and written to once, before any training
-        os.makedirs(args.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out_dir).close()
-    except OSError as e:
-        sys.exit(f"error: cannot write to --out-dir {args.out_dir!r}: {e.strerror or e}")
     built, ckpt = restore(args, ckpt_path) if found or args.sample_only else (build(args), None)
     fast, schedule = built[1], built[3]
     model = f"D={args.hidden}" + (f" T={args.num_ts}" if args.part == 2 else "")
@@ -560,6 +556,11 @@ def main(argv=None) -> list:
           + ("sampling" if args.sample_only else run))
     test = load_mnist(args.data_dir, False, args.device)
     data = None if args.sample_only else load_mnist(args.data_dir, True, args.device, args.limit)
+    try:  # --out-dir: created if missing and written to once, before any training
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir, buffering=0).write(b"a test")  # then deleted
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {args.out_dir!r}: {e.strerror or e}")
     title = f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, lr {args.lr:g}"
     t0 = time.time()
     files = []
@@ -586,8 +587,9 @@ def main(argv=None) -> list:
                                  args.digits)
             files += save(args.out_dir, out, show=True)
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: {ckpt_path} holds every finished epoch; --resume continues"
-                 if os.path.exists(ckpt_path) else "interrupted in the first epoch: nothing saved")
+        sys.exit(f"interrupted: {ckpt_path} holds every finished epoch; --resume continues, "
+                 "--sample-only redraws the final pictures" if os.path.exists(ckpt_path) else
+                 "interrupted in the first epoch: nothing saved")
     names = ", ".join(sorted({os.path.basename(f) for f in files})) or "nothing new"
     print(f"done in {time.time() - t0:.1f} s; wrote under {args.out_dir}: {names}")
     return sorted(set(files))

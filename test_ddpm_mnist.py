@@ -313,7 +313,8 @@ def test_recalibrate_is_the_plain_mean_and_draws_no_random_numbers():
     ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"], ["--epochs", "1.5"],
     ["--seed", "-1"], ["--seed", "4294967296"], ["--seed", "18446744073709551616"],
     ["--precision", "fp8"], ["--digits", "12a"], ["--digits", ""], ["--digits", "²"],
-    ["--part", "1", "--digits", "7"], ["--benchmark"]])
+    ["--part", "1", "--digits", "7"], ["--benchmark"], ["--gammas", "1e39"],
+    ["--guidance-scale", "1e39"]])
 def test_bad_flags_exit_2_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as e:
         dm.get_args(flags)
@@ -333,13 +334,24 @@ def test_flag_messages_name_the_value_and_negative_gammas_parse(capsys):
 
 
 @pytest.mark.parametrize("where", ["taken", "taken/below", "/dev/null", ""])
-def test_unusable_out_dir_is_refused_before_anything_runs(where, tmp_path, monkeypatch):
+def test_unusable_out_dir_is_refused_before_training(where, mnist_dir, tmp_path, monkeypatch,
+                                                     capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
-        dm.main(["--out-dir", where, "--data-dir", str(tmp_path / "nowhere")])  # no data either
+        dm.main(["--out-dir", where, "--data-dir", mnist_dir, "--hidden", "4"])
     assert str(e.value).startswith(f"error: cannot write to --out-dir {where!r}: ")
     assert "\n" not in str(e.value) and (tmp_path / "taken").read_text() == "not a folder"
+    assert "| step" not in capsys.readouterr().out  # no training step ran
+
+
+def test_a_failed_start_leaves_no_empty_out_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused
+    with pytest.raises(SystemExit, match="could not be downloaded"):
+        dm.main(["--out-dir", str(tmp_path / "new"), "--data-dir", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        dm.main(["--out-dir", str(tmp_path / "new"), "--sample-only"])
+    assert os.listdir(tmp_path) == []
 
 
 def test_part_defaults():
@@ -490,7 +502,8 @@ def test_interrupt_during_pictures_keeps_that_epoch(mnist_dir, tmp_path, monkeyp
         return real_plot(losses, *args)
 
     monkeypatch.setattr(dm, "loss_plot", interrupt_in_epoch_2)
-    with pytest.raises(SystemExit, match="part1.pt holds every finished epoch; --resume continues"):
+    with pytest.raises(SystemExit, match="part1.pt holds every finished epoch; --resume continues, "
+                                         "--sample-only redraws the final pictures"):
         dm.main(flags)
     assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 2  # saved before
     monkeypatch.setattr(dm, "loss_plot", real_plot)
@@ -563,15 +576,27 @@ def test_resuming_a_finished_run_says_so(mnist_dir, tmp_path, capsys):
     assert (tmp_path / "part1.pt").read_bytes() == before
 
 
-def test_model_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_path, capsys):
+def test_the_run_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_path, capsys):
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--epochs", "1", "--num-ts", "5",
-                       "--limit", "32"))
+                       "--limit", "32", "--lr", "0.002"))
     capsys.readouterr()
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--hidden", "99"))
     out = capsys.readouterr().out
     assert f"{tmp_path / 'part2.pt'} has --hidden 8: using it, not 99" in out
     assert f"{tmp_path / 'part2.pt'} has --num-ts 5: using it, not 300" in out
+    assert f"{tmp_path / 'part2.pt'} has --lr 0.002: using it, not 0.001" in out
     assert "| D=8 T=5 | sampling" in out  # the header shows the checkpoint's model
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--resume", "--epochs", "2"))
+    ckpt = torch.load(tmp_path / "part2.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["args"]["lr"], ckpt["args"]["limit"]) == (2, 0.002, 32)
+
+
+def test_part1_pictures_use_the_sigma_it_was_trained_at(mnist_dir, tmp_path, capsys):
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32", "--sigma", "0.3"))
+    capsys.readouterr()
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only"))
+    out = capsys.readouterr().out
+    assert "has --sigma 0.3: using it, not 0.5" in out and "test MSE at sigma 0.3" in out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random", "labels as images", "label 12"])
@@ -610,8 +635,14 @@ def test_images_and_labels_of_different_counts_are_refused(tmp_path):
                                    "rng": {}, "losses": []},
                                   {"model": {}, "optimizer": {}, "epoch": 1, "args": {"part": 1},
                                    "rng": {}, "losses": []},
+                                  {"model": {}, "optimizer": {"param_groups": []}, "epoch": 1,
+                                   "losses": [], "args": {"part": 1, "method": "flow", "hidden": 8},
+                                   "rng": {"cpu": torch.zeros(2)}},
+                                  {"model": {}, "optimizer": {"param_groups": []}, "epoch": 1,
+                                   "losses": [], "args": {"part": 1, "hidden": "8"},
+                                   "rng": {"cpu": torch.zeros(2)}},
                                   {"model": {}, "optimizer": {}, "epoch": 1, "losses": [],
-                                   "args": {"part": 1, "method": "flow"}, "rng": {"cpu": 0}}])
+                                   "args": {"part": 1, "hidden": 8}, "rng": {"cpu": torch.zeros(2)}}])
 def test_a_foreign_checkpoint_is_one_line(ckpt, mnist_dir, tmp_path):
     torch.save(ckpt, tmp_path / "part1.pt")
     with pytest.raises(SystemExit) as e:
@@ -619,20 +650,45 @@ def test_a_foreign_checkpoint_is_one_line(ckpt, mnist_dir, tmp_path):
     assert str(e.value) == f"error: {tmp_path / 'part1.pt'} is not a Part 1 checkpoint of this script"
 
 
-def test_a_non_finite_loss_stops_and_keeps_the_last_good_epoch(mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("blow_up", [math.nan, math.inf, 1e6])
+def test_a_diverging_loss_stops_and_keeps_the_last_good_epoch(blow_up, mnist_dir, tmp_path,
+                                                               monkeypatch):
     real = dm.denoise_loss
     calls = []
 
     def diverge(unet, x, sigma):  # one step per epoch plus 1 re-estimation pass: epoch 2 diverges
         calls.append(1)
-        return real(unet, x, sigma) * (math.nan if len(calls) == 3 else 1)
+        return real(unet, x, sigma) * (blow_up if len(calls) == 3 else 1)
 
     monkeypatch.setattr(dm, "denoise_loss", diverge)
     with pytest.raises(SystemExit) as e:
         dm.main(tiny_flags(mnist_dir, tmp_path, "--epochs", "3", "--limit", "32"))
-    assert str(e.value) == (f"error: the loss is not finite in epoch 2; {tmp_path / 'part1.pt'} "
+    assert str(e.value) == (f"error: the loss diverged in epoch 2; {tmp_path / 'part1.pt'} "
                             "keeps epoch 1; lower --lr")
     assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
+
+
+def test_lr_1000_stops_before_a_diverged_epoch_is_saved(mnist_dir, tmp_path):
+    with pytest.raises(SystemExit, match="the loss diverged in epoch 1; nothing saved"):
+        dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--lr", "1000", "--epochs", "3",
+                           "--num-ts", "5", "--batch-size", "8"))
+    assert not os.path.exists(tmp_path / "part2.pt")
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    flags = tiny_flags(mnist_dir, tmp_path, "--limit", "32")
+    dm.main(flags + ["--epochs", "1"])
+    before = (tmp_path / "part1.pt").read_bytes()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dm.torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        dm.main(flags + ["--epochs", "2", "--resume"])
+    assert str(e.value).startswith(f"error: cannot save {tmp_path / 'part1.pt'} (")
+    assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "part1.pt").read_bytes() == before
 
 
 def test_non_finite_samples_are_reported_and_drawn_grey(capsys):
@@ -640,7 +696,7 @@ def test_non_finite_samples_are_reported_and_drawn_grey(capsys):
     nan_unet.forward = lambda x, c, t, mask=None: torch.full_like(x, math.nan)
     x, _ = dm.sample(nan_unet, torch.tensor([1, 2, 3]), dm.ddpm_schedule(1e-4, 0.02, 5),
                      sample_args("--num-ts", "5"), 5.0)
-    assert "warning: 3 of 3 samples at gamma 5 are not finite (drawn grey)" in capsys.readouterr().out
+    assert "warning: 3 of 3 samples at gamma 5 are not finite\n" in capsys.readouterr().out
     pixels = set(dm.grid(x, 3, "nan").tobytes())
     assert 127 in pixels and 0 not in pixels  # grey (and white title space), not black
 
@@ -781,14 +837,15 @@ def test_eval_counts_non_finite_samples(mnist_dir, tmp_path, monkeypatch, capsys
     def half_nan(unet, c, schedule, args, gamma):
         x, caches = real_sample(unet, c, schedule, args, gamma)
         x[::2] = math.nan  # every other sample, digit 0 among them
+        x[1, 0, 0, 0] = math.inf  # one pixel of a digit-1 sample
         return x, caches
 
     monkeypatch.setattr(dm, "sample", half_nan)
     report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "2",
                                      "--gammas", "5"))
     row = report["rows"]["gamma=5"]
-    assert row["not_finite"] == 10 and row["frechet"] is None and row["accuracy"] <= 0.5
-    assert row["per_digit"][0] == 0 and "nan" in capsys.readouterr().out
+    assert row["not_finite"] == 11 and row["frechet"] is None and row["accuracy"] <= 0.45
+    assert row["per_digit"][0] == 0 and "|     n/a |" in capsys.readouterr().out
     assert json.load(open(tmp_path / "part2_eval.json"))["rows"]["gamma=5"]["frechet"] is None
 
 
