@@ -505,8 +505,8 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count, metavar="N")
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count, metavar="N")
     add("--lr", "Adam's learning rate (default: 1e-4 or 1e-3 by part)", type=between(1e-12, 1e3))
-    add("--lr-decay", "lr decays exponentially to F * lr (default: 1 or 0.1 by part)", metavar="F",
-        type=between(1e-12, 1))
+    add("--lr-decay", "epoch e of E trains at lr * F^((e-1)/E) (default: 1 or 0.1 by part)",
+        type=between(1e-12, 1), metavar="F")
     add("--hidden", "UNet width D", 128, type=count, metavar="D")
     add("--seed", "random seed, 0 to 2^32 - 1", 0, type=seed, metavar="S")
     add("--device", "the first available of cuda, mps, cpu", devices[0], choices=devices)
