@@ -271,7 +271,8 @@ def restore(args, path: str) -> tuple:
     for k in RUN_FLAGS:  # the run is the checkpoint's, whatever the flags say
         v = ckpt["args"].get(k, vars(args)[k])
         if v != vars(args)[k]:
-            print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {vars(args)[k]}")
+            given = "all" if vars(args)[k] is None else vars(args)[k]  # --limit's default: all
+            print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {given}")
             setattr(args, k, v)
     built = build(args)
     try:

@@ -585,6 +585,7 @@ def test_the_run_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_p
     assert f"{tmp_path / 'part2.pt'} has --hidden 8: using it, not 99" in out
     assert f"{tmp_path / 'part2.pt'} has --num-ts 5: using it, not 300" in out
     assert f"{tmp_path / 'part2.pt'} has --lr 0.002: using it, not 0.001" in out
+    assert f"{tmp_path / 'part2.pt'} has --limit 32: using it, not all" in out
     assert "| D=8 T=5 | sampling" in out  # the header shows the checkpoint's model
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--resume", "--epochs", "2"))
     ckpt = torch.load(tmp_path / "part2.pt", weights_only=True)
