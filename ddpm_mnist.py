@@ -263,10 +263,10 @@ def restore(args, path: str) -> tuple:
     except Exception as e:  # a truncated or foreign file raises many kinds of errors
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__})")
     kinds = dict(model=dict, optimizer=dict, epoch=int, args=dict, rng=dict, losses=list)
-    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in kinds.items())
-            and ckpt["args"].get("part") == args.part and "param_groups" in ckpt["optimizer"]
-            and isinstance(ckpt["rng"].get("cpu"), torch.Tensor) and isinstance(ckpt["args"].get(
-                "hidden"), int) and ckpt["args"].get("method", "ddpm") == "ddpm"):  # flow is gone
+    ok = isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in kinds.items())
+    ok = ok and "param_groups" in ckpt["optimizer"] and torch.is_tensor(ckpt["rng"].get("cpu"))
+    if not (ok and ckpt["args"].get("part") == args.part and type(ckpt["args"].get("hidden")) is int
+            and ckpt["args"].get("method", "ddpm") == "ddpm"):  # --method flow's is gone
         sys.exit(f"error: {path} is not a Part {args.part} checkpoint of this script")
     for k in RUN_FLAGS:  # the run is the checkpoint's, whatever the flags say
         v = ckpt["args"].get(k, vars(args)[k])
