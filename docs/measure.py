@@ -4,8 +4,9 @@
     python docs/measure.py --part 1 --out-dir out --eval         # test MSE and PSNR at each sigma
     python docs/measure.py --part 2 --benchmark                  # 20 training steps: img/s, TFLOP/s
 
---eval reads OUT_DIR/partN.pt as `ddpm_mnist.py --sample-only` does; every other flag is
-ddpm_mnist.py's (--gammas, --sample-steps, --precision, --device, --hidden for --benchmark, ...).
+--eval reads OUT_DIR/partN.pt as `ddpm_mnist.py --sample-only` does; --gammas are the guidance
+scales it judges; every other flag is ddpm_mnist.py's (--sample-steps, --precision, --device,
+--hidden for --benchmark, ...). Faults are reported as ddpm_mnist.py reports them: in one line.
 """
 
 import json
@@ -23,7 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm_mnist as dm  # noqa: E402  (the file one folder up)
 
 
-def get_classifier(args, test: tuple) -> nn.Sequential:
+def step(net, opt, loss):
+    """One plain optimizer step (ddpm_mnist.py's, without its fp16 loss scaling)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def get_classifier(args, test):
     """The judge: a CNN trained once (3 epochs, seed 0, 99.47%), kept as OUT_DIR/classifier.pt."""
     path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
     torch.manual_seed(0)
@@ -43,17 +52,26 @@ def get_classifier(args, test: tuple) -> nn.Sequential:
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, 3 * math.ceil(len(train_x) / 128))
     shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
                                  (2, 3))  # the batch moved by up to 2 px down and right
-    fp32 = torch.amp.GradScaler(enabled=False)  # the judge trains in fp32
     for _ in range(3):
         for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
-            dm.train_step(clf, opt, fp32, lambda net, x, y: F.cross_entropy(net(shift(x)), y),
-                          train_x[idx], train_y[idx])
+            step(clf, opt, F.cross_entropy(clf(shift(train_x[idx])), train_y[idx]))
             lr.step()
-    torch.save(clf.state_dict(), path)
+    dm.save(args, {"classifier.pt": clf.state_dict()})
     return clf.eval().requires_grad_(False)
 
 
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+def write(path, text):
+    """text to path by way of path.tmp, as ddpm_mnist.py writes its files."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
+def frechet_distance(f1, f2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
     f1, f2 = f1.double().cpu(), f2.double().cpu()
     if not (f1.isfinite().all() and f2.isfinite().all()):
@@ -63,8 +81,8 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return (((f1.mean(0) - f2.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * root).item()
 
 
-def evaluate_part2(net, schedule: dict, args, test: tuple, n: int) -> dict:
-    """The judge on n samples per digit at each of --gammas, and on n real test digits of each."""
+def evaluate_part2(run, args, gammas, test, n):
+    """The judge on n samples per digit at each of gammas, and on n real test digits of each."""
     (test_x, test_y), clf = test, get_classifier(args, test)
     features = lambda x: torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])  # (N, 128)
     ref = features(test_x)  # the whole test set's
@@ -73,9 +91,9 @@ def evaluate_part2(net, schedule: dict, args, test: tuple, n: int) -> dict:
     c = torch.arange(10, device=test_x.device).repeat(n)  # (10 n,)
     print(f"judge's test accuracy {clf_acc:.2%}\n"
           f"{'samples':>12} | accuracy | frechet | not finite | per digit")
-    for name, gamma in [("real", None)] + [(f"gamma={g:g}", g) for g in args.gammas]:
+    for name, gamma in [("real", None)] + [(f"gamma={g:g}", g) for g in gammas]:
         x, y = (test_x[real], test_y[real]) if gamma is None else (
-            dm.sample(net, c, schedule, args, gamma)[0], c)
+            run.sample(run.model, c, gamma)[0], c)
         f = features(x)  # the judge sees x clamped to [0, 1]: +-inf would pass as 1 or 0
         finite = x.flatten(1).isfinite().all(1)  # (N, 784) -> (N,): no NaN or inf pixel
         hit = ((clf[-1](f).argmax(1) == y) & finite).float()  # (N,): 1 where the judge reads y
@@ -90,7 +108,7 @@ def evaluate_part2(net, schedule: dict, args, test: tuple, n: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate_part1(net, args, test_x: torch.Tensor) -> dict:
+def evaluate_part1(net, args, test_x):
     """Test MSE and PSNR (peak 1) of the denoised digits and of the noisy input at each sigma."""
     net.eval()
     rows = {}
@@ -107,21 +125,28 @@ def evaluate_part1(net, args, test_x: torch.Tensor) -> dict:
     return dict(rows=rows, args=vars(args))
 
 
-def benchmark(args) -> dict:
+def benchmark(args):
     """20 training steps on random data after 3 warm-up steps, and what they imply for a run."""
-    model, fast, loss_fn, _ = dm.build(args)
+    run = dm.build(args)
     x = torch.rand(args.batch_size, 1, 28, 28, device=args.device)
     y = (10 * x[:, 0, 0, 0]).long()  # labels 0-9
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    with FlopCounterMode(display=False) as flops:  # one eager step, counted once
-        dm.train_step(model, opt, scaler, loss_fn, x, y)
-    steps = lambda k: [dm.train_step(fast, opt, scaler, loss_fn, x, y) for _ in range(k)][-1].item()
-    steps(3)  # warm-up: kernels chosen, --compile compiles; .item() waits for the device
+
+    def steps(k):  # ddpm_mnist.py's training step, k times; .item() waits for the device
+        for _ in range(k):
+            loss = run.loss(run.model, x, y)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        return loss.item()
+
+    with FlopCounterMode(display=False) as flops:  # one step, counted once
+        steps(1)
+    steps(3)  # warm-up: kernels chosen
     t0 = time.time()
     steps(20)
     step_s = (time.time() - t0) / 20
-    images = min(args.limit or 60000, 60000)  # what a run with these flags trains on
+    images = min(args.limit, 60000)  # what a run with these flags trains on
     out = {"train_img_per_s": args.batch_size / step_s,
            "achieved_tflop_per_s": flops.get_total_flops() / step_s / 1e12,
            f"projected_{args.epochs}_epoch_s": args.epochs * math.ceil(images / args.batch_size)
@@ -133,36 +158,50 @@ def benchmark(args) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def measure(own, args):
+    """--eval or --benchmark with ddpm_mnist.py's parsed flags args."""
+    if own.benchmark:
+        return benchmark(args)
+    path = os.path.join(args.out_dir, f"part{args.part}.pt")
+    if not os.path.exists(path):
+        sys.exit(f"error: no checkpoint at {path} to measure: check --part and --out-dir")
+    probe = os.path.join(args.out_dir, "measure.probe")  # a folder that cannot be written fails
+    write(probe, "")  # here, before the judge trains
+    os.remove(probe)
+    run, _ = dm.restore(args, path)
+    test = dm.load_mnist(args.data_dir, False, args.device)
+    if args.part == 1:
+        return evaluate_part1(run.model, args, test[0])
+    report = evaluate_part2(run, args, own.gammas, test, own.eval)
+    write(os.path.join(args.out_dir, "part2_eval.json"), json.dumps(report, indent=1))
+    print(f"wrote {os.path.join(args.out_dir, 'part2_eval.json')}")
+    return report
+
+
+def main(argv=None):
     """--eval [N] or --benchmark, with ddpm_mnist.py's flags; returns what it printed."""
-    p = dm.ArgumentParser(prog="docs/measure.py", description="Score or time ddpm_mnist.py",
+    prog = "docs/measure.py"
+    p = dm.ArgumentParser(prog, description="Score or time ddpm_mnist.py",
                           epilog="Other flags are ddpm_mnist.py's: python ddpm_mnist.py --help.")
-    p.add_argument("--eval", type=dm.count, nargs="?", const=20, metavar="N",
+    p.add_argument("--eval", type=dm.number(int, 1), nargs="?", const=20, metavar="N",
                    help="Part 1: test PSNR at each sigma; Part 2: a judge on N samples per digit "
                         "(N: 20 if not given)")
+    p.add_argument("--gammas", type=dm.number(float, -1e6, 1e6), nargs="+", metavar="G",
+                   default=[0, 1, 3, 5, 10], help="Part 2: the guidance scales --eval judges "
+                                                  "(default: 0 1 3 5 10)")
     p.add_argument("--benchmark", action="store_true",
                    help="time 20 training steps; the projection counts training steps only")
     own, rest = p.parse_known_args(argv)
     if bool(own.eval) == own.benchmark:
         p.error("give one of --eval [N] or --benchmark")
-    args = dm.get_args(rest + (["--sample-only"] if own.eval else []))
-    tf32 = args.precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    torch.manual_seed(args.seed)
-    if own.benchmark:
-        return benchmark(args)
-    (model, fast, _, schedule), _ = dm.restore(args, os.path.join(args.out_dir,
-                                                                   f"part{args.part}.pt"))
-    test = dm.load_mnist(args.data_dir, False, args.device)
-    if args.part == 1:
-        return evaluate_part1(fast, args, test[0])
-    report = evaluate_part2(fast, schedule, args, test, own.eval)
-    path = os.path.join(args.out_dir, "part2_eval.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
-    return report
+    args = None
+    try:
+        args = dm.get_args(rest + (["--sample-only"] if own.eval else []), prog)
+        dm.cap_memory(args.device)
+        return measure(own, args)
+    except (Exception, KeyboardInterrupt) as e:  # one line, as in ddpm_mnist.py
+        sys.exit(dm.fault(e, args))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
