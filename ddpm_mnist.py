@@ -1,8 +1,8 @@
 """ddpm_mnist.py: diffusion models from scratch on MNIST, in one file.
 
 Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-conditioned DDPM (arXiv
-2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598): with the spec's
-sampler, or on 50 of its 300 steps, 6x faster (--sample-steps 50). docs/measure.py scores a run.
+2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598), with the spec's
+sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rectified flow instead.
 
     pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
@@ -32,25 +32,18 @@ from torchvision.utils import make_grid
 
 
 # --------------------------------------------------------------------------- Part 1: the UNet
-# The spec's operations, each a function that returns its layers (the spec's atomic_ops figure).
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
     return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
-def Conv(cin, cout):  # (Din, H, W) -> (Dout, H, W)
-    return BN_GELU(nn.Conv2d(cin, cout, 3, 1, 1))
-def DownConv(cin, cout):  # (Din, H, W) -> (Dout, H/2, W/2)
-    return BN_GELU(nn.Conv2d(cin, cout, 3, 2, 1))
-def UpConv(cin, cout):  # (Din, H, W) -> (Dout, 2H, 2W)
-    return BN_GELU(nn.ConvTranspose2d(cin, cout, 4, 2, 1))
-def Flatten():  # (D, 7, 7) -> (D, 1, 1)
-    return nn.Sequential(nn.AvgPool2d(7), nn.GELU())
-def Unflatten(c):  # (D, 1, 1) -> (D, 7, 7)
-    return BN_GELU(nn.ConvTranspose2d(c, c, 7, 7, 0))
-def ConvBlock(cin, cout):  # Conv, Conv: -> (Dout, H, W)
-    return nn.Sequential(Conv(cin, cout), Conv(cout, cout))
-def DownBlock(cin, cout):  # DownConv, ConvBlock: -> (Dout, H/2, W/2)
-    return nn.Sequential(DownConv(cin, cout), ConvBlock(cout, cout))
-def UpBlock(cin, cout):  # UpConv, ConvBlock: -> (Dout, 2H, 2W)
-    return nn.Sequential(UpConv(cin, cout), ConvBlock(cout, cout))
+
+# The spec's operations (its atomic_ops figure), each making its layers; shapes of one image.
+Conv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 1, 1))  # (Din, H, W) -> (Dout, H, W)
+DownConv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 2, 1))  # -> (Dout, H/2, W/2)
+UpConv = lambda cin, cout: BN_GELU(nn.ConvTranspose2d(cin, cout, 4, 2, 1))  # -> (Dout, 2H, 2W)
+Flatten = lambda: nn.Sequential(nn.AvgPool2d(7), nn.GELU())  # (D, 7, 7) -> (D, 1, 1)
+Unflatten = lambda c: BN_GELU(nn.ConvTranspose2d(c, c, 7, 7, 0))  # (D, 1, 1) -> (D, 7, 7)
+ConvBlock = lambda cin, cout: nn.Sequential(Conv(cin, cout), Conv(cout, cout))  # as Conv
+DownBlock = lambda cin, cout: nn.Sequential(DownConv(cin, cout), ConvBlock(cout, cout))  # Down
+UpBlock = lambda cin, cout: nn.Sequential(UpConv(cin, cout), ConvBlock(cout, cout))  # as UpConv
 
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
@@ -84,8 +77,8 @@ def denoise_loss(unet, x, sigma):
 
 
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
-def FCBlock(fin, fout):  # (N, Fin) -> (N, Fout): Linear, GELU, Linear
-    return nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
+FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
+# FCBlock: (N, Fin) -> (N, Fout)
 
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
@@ -135,9 +128,7 @@ def guided_eps(unet, x_t, c, t, gamma):
     eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
     return eps_u + gamma * (eps_c - eps_u)
 
-def cached(t, num_ts):
-    """The spec's rule for the x_t that a sampler keeps: 22 of T = 300, 9 of T = 30."""
-    return t % 20 == 0 or t == num_ts or t < 8
+cached = lambda t, num_ts: t % 20 == 0 or t == num_ts or t < 8  # the x_t kept: 22 of T = 300
 
 @contextlib.contextmanager
 def sampling(unet, c, img_wh, seed):
@@ -169,29 +160,41 @@ def ddpm_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0):
 
 # --------------------------------------------------------------------------- beyond the spec
 def strided_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0, steps=50):
-    """Algorithm 2 on `steps` of the T steps, t to t' (DDIM eta 1, arXiv 2010.02502): the same
-    update with alpha = abar_t / abar_t' and the stride's beta_tilde."""
-    abars = [1.0] + schedule["alpha_bars"].tolist()  # abars[t] = abar_t, with abar_0 = 1
-    ts = sorted({round(v) for v in torch.linspace(num_ts, 1, steps).tolist()}, reverse=True)  # T..1
+    """Algorithm 2 on every (T/K)-th step, t_k = k T/K: ddpm_sample with alpha_k = abar_{t_k} /
+    abar_{t_{k-1}}, the DDPM posterior over each stride (DDIM, eta 1, arXiv 2010.02502)."""
+    assert num_ts % steps == 0, "K must divide T: the UNet then sees t_k / T = k / K"
+    abar = schedule["alpha_bars"][num_ts // steps - 1::num_ts // steps]  # (K,): abar_{t_k}
+    abar_prev = F.pad(abar[:-1], (1, 0), value=1.0)  # abar_{t_{k-1}}, with abar_0 = 1
+    alphas = abar / abar_prev
+    beta_tildes = (1 - abar_prev) / (1 - abar) * (1 - alphas)  # eq. 7 over the stride
+    s = dict(alphas=alphas, alpha_bars=abar, beta_tildes=beta_tildes)
+    return ddpm_sample(unet, c, img_wh, s, steps, guidance_scale, seed)
+
+def flow_forward(unet, x_1, c, p_uncond):
+    """Rectified flow (arXiv 2209.03003, 2210.02747): ||(x_1 - x_0) - v(x_t, t, c)||^2 on the
+    straight path x_t = (1 - t) x_0 + t x_1 from noise x_0 to data x_1, t ~ U[0, 1]."""
+    t = torch.rand(len(c), 1, 1, 1, device=c.device)  # (N, 1, 1, 1): over the pixels
+    x_0 = torch.randn_like(x_1)  # x_0 ~ N(0, I)
+    mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
+    return F.mse_loss(unet((1 - t) * x_0 + t * x_1, c, t.flatten(), mask), x_1 - x_0)
+
+def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
+    """Euler steps x <- x + v / K from noise (t = 0) to data (t = 1), along the velocity guided as
+    guided_eps guides eps; caches by the spec's rule on the steps left."""
     caches = []
     with sampling(unet, c, img_wh, seed) as noise:
-        x_t = noise(0)
-        for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
-            if cached(len(ts) - i, len(ts)):  # the spec's rule on the steps left
-                caches.append(x_t)
-            z = noise(i + 1) if t_prev > 0 else 0  # as in ddpm_sample
-            eps = guided_eps(unet, x_t, c, t / num_ts, guidance_scale)
-            a, abar = abars[t] / abars[t_prev], abars[t]  # alpha of the stride, abar_t
-            mean = (x_t - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a)
-            x_t = mean + math.sqrt((1 - abars[t_prev]) / (1 - abar) * (1 - a)) * z  # beta_tilde
-    return x_t, caches
+        x = noise(0)
+        for i in range(steps):
+            if cached(steps - i, steps):
+                caches.append(x)
+            x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
+    return x, caches
 
 
 # --------------------------------------------------------------------------- training
 def load_mnist(root, train, device, limit=None):
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
-    raw = os.path.join(root, "MNIST", "raw")
-    new = new_dirs(raw)
+    new = new_dirs(os.path.join(root, "MNIST", "raw"))  # what a download would make
     try:  # torchvision downloads what is missing, then reads and checks the files
         mnist = torchvision.datasets.MNIST(root, train, download=True)
         x, y = mnist.data[:limit], mnist.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
@@ -199,22 +202,26 @@ def load_mnist(root, train, device, limit=None):
             raise ValueError("images and labels do not match")
     except Exception as e:  # no internet, or files that are not MNIST's: many kinds of errors
         remove_empty(new)  # a wrong --data-dir leaves no folder behind
-        sys.exit(f"error: cannot load MNIST from {raw} ({type(e).__name__}): without internet, put "
-                 "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                 "t10k-labels-idx1-ubyte there (unzipped) or pass --data-dir; delete damaged files "
-                 "to download them again")
+        sys.exit(f"error: cannot load MNIST from {root}/MNIST/raw ({type(e).__name__}): offline, "
+                 "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                 "t10k-labels-idx1-ubyte there, or pass --data-dir; delete damaged ones to "
+                 "download them again")
     return (x[:, None].float() / 255).to(device), y.to(device)  # (N, 1, 28, 28), (N,)
 
 def method(args):
-    """The one place that picks the part's loss(net, x, c) and sampler(net, c, gamma)."""
-    T = args.num_ts
+    """The one place that picks loss(net, x, c) and sampler(net, c, gamma) by part and method."""
+    T, K = args.num_ts, args.sample_steps  # K: --sample-steps
     if args.part == 1:
         return lambda net, x, c: denoise_loss(net, x, args.sigma), None
+    if args.method == "flow":
+        return (lambda net, x, c: flow_forward(net, x, c, args.p_uncond),
+                lambda net, c, g: flow_sample(net, c, (28, 28), K, g, args.seed))
     s = {k: v.to(args.device) for k, v in ddpm_schedule(1e-4, 0.02, T).items()}
     loss = lambda net, x, c: ddpm_forward(net, s, x, c, args.p_uncond, T)
-    if args.sample_steps:  # K = T: Algorithm 2 again (tested), by the longer route
-        return loss, lambda net, c, g: strided_sample(net, c, (28, 28), s, T, g, args.seed,
-                                                      args.sample_steps)
+    if K and T % K:
+        sys.exit(f"error: --sample-steps {K} does not divide --num-ts {T}")
+    if K:  # K = T is Algorithm 2 again (tested), by the longer route
+        return loss, lambda net, c, g: strided_sample(net, c, (28, 28), s, T, g, args.seed, K)
     return loss, lambda net, c, g: ddpm_sample(net, c, (28, 28), s, T, g, args.seed)
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision: fp32 needs none
@@ -222,6 +229,9 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision: fp32 
 def build(args):
     """A run: the seeded model, its loss and sampler under autocast, optimizer, fp16 loss scaler."""
     torch.manual_seed(args.seed)
+    for k, v in DEFAULTS[args.method].items():  # the method's own, where no flag says
+        if vars(args)[k] is None:
+            setattr(args, k, v)
     D = args.hidden
     model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
     model = model.to(args.device, memory_format=torch.channels_last)  # faster wherever measured
@@ -233,7 +243,7 @@ def build(args):
         scaler=torch.amp.GradScaler(args.device, enabled=args.precision == "fp16"))
 
 RUN_FLAGS = ("hidden", "num_ts", "sigma", "p_uncond", "batch_size", "lr", "lr_decay", "limit",
-             "precision")  # a run's own: --resume and --sample-only take them from its checkpoint
+             "precision", "method")  # a run's own: --resume and --sample-only take its checkpoint's
 STATES = ("model", "optimizer", "scaler")  # what a checkpoint holds of a run, with its flags
 
 def restore(args, path):
@@ -309,8 +319,7 @@ def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
     """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with a title and labels."""
     if not x.isfinite().all():  # NaN or inf: a model gone wrong
         print(f"warning: {title!r} has pixels that are not finite: NaN drawn grey, inf white")
-    x = x.nan_to_num(0.5).clamp(0, 1).cpu()  # a NaN pixel grey, +-inf white or black
-    x = F.interpolate(x, scale_factor=scale)  # (N, 1, 28 scale, 28 scale), nearest
+    x = F.interpolate(x.nan_to_num(0.5).clamp(0, 1).cpu(), scale_factor=scale)  # NaN grey; nearest
     img = to_pil_image(make_grid(x, nrow, PAD * scale, pad_value=0.5)[0])  # grey, (H, W)
     width = ImageDraw.Draw(img).textlength  # of a text, in pixels
     left = int(max([width(s) + 8 for s in rows], default=0))  # room for the row labels
@@ -327,8 +336,7 @@ def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
     return canvas
 
 def loss_plot(losses, args, epochs):
-    """The loss of each step of the first epochs on a log scale, a centred moving average over 2%
-    of the run, inside BOX: epochs along the bottom, the highest and the lowest loss on the left."""
+    """The loss per step on a log scale in BOX, a centred moving average over 2% of the run."""
     k = len(losses) // 100 + 1  # the average spans k steps on each side
     avg = F.avg_pool1d(torch.tensor([losses[:1] + losses]), 2 * k + 1, 1, k,
                        count_include_pad=False)  # (1, n + 1): the first loss also at step 0
@@ -342,18 +350,18 @@ def loss_plot(losses, args, epochs):
     d.line(px.flatten().tolist(), 0, 2)  # (n + 1, 2) pixels: x, y of each step
     for e in range(0, epochs + 1, math.ceil(epochs / 10)):  # at most 11 epochs named
         d.text((67 + 630 * e / epochs, 376), str(e), 0)
-    d.text((4, 30), f"{10 ** hi:.3g}", 0)
-    d.text((4, 364), f"{10 ** lo:.3g}", 0)
-    d.text((70, 10), f"Part {args.part} loss, D={args.hidden}, batch {args.batch_size}, lr "
-                     f"{args.lr:g}", 0)
-    d.text((70, 400), f"epoch ({len(losses) // epochs} steps each); the loss on a log scale", 0)
+    d.text((70, 10), f"Part {args.part} loss, D={args.hidden}, lr {args.lr:g}; log scale from "
+                     f"{10 ** lo:.3g} (bottom) to {10 ** hi:.3g} (top)", 0)
+    d.text((70, 400), f"epoch ({len(losses) // epochs} steps of {args.batch_size} each)", 0)
     return img
 
 def save(args, files, show=False):
-    """Write {name: checkpoint, picture or GIF frames} by way of name.tmp: a failed or interrupted
-    write leaves the old file whole and no .tmp behind; show: inline in a notebook."""
+    """Write {name: checkpoint, picture or GIF frames} by way of name.tmp: a failure leaves the old
+    file whole and no .tmp behind; show: inline in a notebook."""
+    paths = []
     for name, obj in files.items():
         path = os.path.join(args.out_dir, name)
+        paths.append(path)
         data = io.BytesIO()
         if name.endswith(".pt"):
             torch.save(obj, data)
@@ -369,14 +377,13 @@ def save(args, files, show=False):
             with contextlib.suppress(OSError):
                 os.remove(path + ".tmp")
         if show and "ipykernel" in sys.modules:
-            from IPython.display import Image as Picture, display
-            display(Picture(filename=path))
-    return [os.path.join(args.out_dir, name) for name in files]
+            import IPython.display
+            IPython.display.display(IPython.display.Image(filename=path))
+    return paths
 
 @torch.no_grad()
 def part1_pictures(net, test_x, args, epoch, final):
-    """Part 1's test digits clean, noisy and denoised after the epoch; after the last, the noising
-    process and the denoiser at every sigma (out of distribution)."""
+    """Part 1's test digits clean, noisy, denoised; after the last epoch, at every sigma too."""
     net.eval()
     x = test_x[:10]  # (10, 1, 28, 28)
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed)).to(x.device)
@@ -411,17 +418,19 @@ def part2_pictures(run, args, name, final, digits="0123456789"):
 
 # --------------------------------------------------------------------------- command line
 DEFAULTS = {1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part: the spec's
-            2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1)}  # measured, docs/results.md
+            2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),  # measured, docs/results.md
+            "ddpm": dict(guidance_scale=5.0),  # per method: the spec's; flow's measured
+            "flow": dict(guidance_scale=3.0, sample_steps=50)}
 
-def default_precision(device, capability=None):
-    """--precision auto: fp16 on CUDA GPUs below compute capability 8.0 (T4, V100: slow in fp32),
-    else fp32, whose convolutions PyTorch runs in TF32 on GPUs from 8.0 (A100, H100)."""
+def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo"):
+    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 on a CPU that
+    multiplies bf16 natively (avx512_bf16 or amx_bf16 in Linux's cpuinfo; docs/results.md); fp32."""
     if device == "cuda" and (capability or torch.cuda.get_device_capability())[0] < 8:
         return "fp16"
-    return "fp32"
+    flags = open(cpuinfo).read() if device == "cpu" and os.path.exists(cpuinfo) else ""
+    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
 
-def number(kind, lo, hi=math.inf):
-    """An argparse type=: a number of kind (int or float) in [lo, hi], else one line naming it."""
+def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [lo, hi]
     def parse(text):
         with contextlib.suppress(ValueError):
             if lo <= (v := kind(text)) <= hi:
@@ -429,13 +438,10 @@ def number(kind, lo, hi=math.inf):
         raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__} in [{lo}, {hi}]")
     return parse
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 def get_args(argv=None, prog="ddpm_mnist.py"):
     """Parse a list of flags, as on the command line; None is no flags (never a kernel's argv)."""
-    p = ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
+    p = argparse.ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
+    p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")  # one line
     devices = ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
     devices += ["cpu"]  # those available, the first the default
     count = number(int, 1)
@@ -463,10 +469,11 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     g = p.add_argument_group("part 2")
     add("--num-ts", "diffusion steps T (default: 300)", 300, type=count)
     add("--p-uncond", "class dropout probability (default: 0.1)", 0.1, type=number(float, 0, 1))
+    add("--method", "ddpm, or flow: rectified flow (default: ddpm)", "ddpm",
+        choices=["ddpm", "flow"])
     add("--digits", "draw 4 samples of each of these digits, such as 2026")
-    add("--guidance-scale", "CFG gamma of the grids (default: 5)", 5.0,
-        type=number(float, -1e6, 1e6))
-    add("--sample-steps", "sample on K of the T steps (default: T)", type=count)
+    add("--guidance-scale", "CFG gamma (default: 5; flow: 3)", type=number(float, -1e6, 1e6))
+    add("--sample-steps", "K of the T steps, or K Euler steps (default: T; flow: 50)", type=count)
     p.set_defaults(**DEFAULTS[p.parse_args(argv or []).part])
     args = p.parse_args(argv or [])  # flags given win over these per-part defaults
     if args.digits is not None and (args.part == 1 or not args.digits.isdecimal()):
@@ -474,8 +481,7 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
     return args
 
-def new_dirs(path):
-    """The folders that os.makedirs(path) would make, deepest first."""
+def new_dirs(path):  # the folders that os.makedirs(path) would make, deepest first
     path = os.path.abspath(path)
     return [] if os.path.exists(path) else [path] + new_dirs(os.path.dirname(path))
 
@@ -483,17 +489,6 @@ def remove_empty(folders):
     for folder in folders:  # deepest first; a folder that holds anything stays
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
-def cap_memory(device):
-    """On a CPU, cap the memory this process may allocate at the machine's: a run too large then
-    raises out of memory, which main() reports in one line, rather than Linux killing the process
-    (or a notebook's kernel). The cap stays with the process; a lower hard limit of yours stays."""
-    if device == "cpu" and os.name == "posix":
-        import resource
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        with contextlib.suppress(ValueError):  # a hard limit below ram stays
-            resource.setrlimit(resource.RLIMIT_DATA,
-                               (ram, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 def fault(e, args):
     """The one line for what the world threw at a run: what happened, what the checkpoint on disk
@@ -515,8 +510,8 @@ def fault(e, args):
     return f"{what}; {saved}: --resume continues"
 
 def run(args):
-    """One run, alone in --out-dir: made if missing, locked while the process lives (a crash or a
-    lost Colab runtime leaves no lock behind) and removed again if the run left nothing in it."""
+    """One run alone in --out-dir: made if missing, locked while the process lives (a crash or a
+    lost Colab runtime leaves no lock), removed again if the run left nothing in it."""
     made = new_dirs(args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     lock = open(os.path.join(args.out_dir, f"part{args.part}.lock"), "ab", buffering=0)
@@ -541,15 +536,17 @@ def train_and_draw(args):
     ckpt_path = os.path.join(args.out_dir, f"part{args.part}.pt")
     found = os.path.exists(ckpt_path)
     if found != bool(args.resume or args.sample_only):  # never overwrite a run, nor invent one
-        sys.exit(f"error: {ckpt_path} holds a run: --resume continues it; to start over, delete "
-                 "it or choose another --out-dir" if found else f"error: no checkpoint at "
-                 f"{ckpt_path} to resume or sample from: check --part and --out-dir")
+        sys.exit(f"error: {ckpt_path} holds a run: --resume continues it; to start over, delete it"
+                 " or choose another --out-dir" if found else f"error: no checkpoint at {ckpt_path}"
+                 " to resume or sample from: check --part and --out-dir")
     run, ckpt = restore(args, ckpt_path) if found else (build(args), dict(epoch=0, losses=[]))
     start, losses = ckpt["epoch"] + 1, ckpt["losses"]
     print(f"part {args.part} on {args.device}, {args.precision} | D={args.hidden}, epochs "
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
-    if args.device == "cpu" and args.precision == "fp16":
-        print("note: --precision fp16 is for CUDA GPUs: a CPU emulates it, slower than fp32")
+    if args.device == "cpu" and args.precision != "fp32":  # why, or why not
+        native = args.precision == default_precision("cpu")
+        print("note: this CPU multiplies bf16 natively: faster than fp32" if native else
+              f"note: this CPU emulates {args.precision}: slower than fp32")
     if args.resume:
         print(f"resumed from {ckpt_path} after epoch {start - 1}; " + (
             f"the lr decays over all {args.epochs} epochs" if start <= args.epochs else
@@ -577,19 +574,22 @@ def train_and_draw(args):
     if args.digits:
         files += save(args, part2_pictures(run, args, f"digits_{args.digits}", False, args.digits),
                       show=True)
-    files = sorted(set(files))
-    print(f"done in {time.time() - t0:.1f} s: {len(files)} pictures in {args.out_dir}")
-    return files
+    print(f"done in {time.time() - t0:.1f} s: {len(set(files))} pictures in {args.out_dir}")
+    return sorted(set(files))
 
 def main(argv=None):
-    """Run with flags as on the command line, a list of strings; returns the pictures written.
-    Whatever the world throws (a full disk, out of memory, Ctrl-C) is one line."""
+    """Run flags given as on the command line, a list of strings; returns the pictures written."""
     if not isinstance(argv or [], list) or not all(isinstance(a, str) for a in argv or []):
         sys.exit(f"error: main() takes a list of strings such as ['--part', '2'], not {argv!r}")
     args = None
     try:
         args = get_args(argv)
-        cap_memory(args.device)
+        if args.device == "cpu" and os.name == "posix":  # memory capped at the machine's, so a
+            import resource  # run too large raises rather than being killed, notebook kernel too
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            with contextlib.suppress(ValueError):  # a hard limit below ram stays as it is
+                resource.setrlimit(resource.RLIMIT_DATA, (ram, hard))
         return run(args)
     except (Exception, KeyboardInterrupt) as e:  # not SystemExit: its line is written already
         sys.exit(fault(e, args))

@@ -286,7 +286,7 @@ def test_samplers_recover_x0_with_a_perfect_model():
     x_T = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(1))
     x, caches = dm.ddpm_sample(Oracle(x_0, s, T), c, (28, 28), s, T, 5.0, seed=1)
     torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)  # the last step lands on x_0
-    for steps in (1, 7, 50):
+    for steps in (1, 4, 20, 50):
         x, caches = dm.strided_sample(Oracle(x_0, s, T), c, (28, 28), s, T, 5.0, seed=1, steps=steps)
         torch.testing.assert_close(x, x_0, atol=1e-4, rtol=1e-4)
         assert len(caches) == sum(dm.cached(k, steps) for k in range(1, steps + 1))
@@ -322,6 +322,19 @@ def test_sample_steps_choose_the_sampler():
     x2, _ = sampler("--sample-steps", "5")(unet, c, 5.0)
     assert x1.shape == (2, 1, 28, 28) and torch.equal(x1, x2) and len(caches) == 5
     assert not torch.allclose(x1, full)
+    with pytest.raises(SystemExit, match="^error: --sample-steps 7 does not divide --num-ts 20$"):
+        sampler("--sample-steps", "7")
+
+
+def test_strided_sampler_is_ddpm_on_every_kth_step():
+    """K = T / stride: the schedule of t_k = k T / K, alpha_k = abar_{t_k} / abar_{t_(k-1)}."""
+    s, seen = dm.ddpm_schedule(1e-4, 0.02, 12), []
+    unet = recorder(seen)
+    unet.training, unet.eval, unet.train = False, lambda: None, lambda mode: None
+    dm.strided_sample(unet, torch.tensor([1]), (28, 28), s, 12, 1.0, seed=0, steps=4)
+    assert [round(t[0].item() * 12) for _, t, _ in seen] == [12, 9, 6, 3]  # t_k / T, as trained
+    with pytest.raises(AssertionError):
+        dm.strided_sample(unet, torch.tensor([1]), (28, 28), s, 12, 1.0, steps=5)
 
 
 def test_tiny_model_overfits_one_batch(mnist_dir, tmp_path):
@@ -352,7 +365,7 @@ def test_recalibrate_is_the_plain_mean_and_draws_no_random_numbers():
 @pytest.mark.parametrize("flags", [
     ["--epochs", "0"], ["--sigma", "-1"], ["--p-uncond", "1.5"], ["--part", "3"], ["--batch-size", "0"],
     ["--epochs", "x"], ["--no-such-flag"], ["--eval", "3"], ["--gammas", "1"], ["--lr-decay", "0.5"],
-    ["--method", "flow"], ["--preset", "best"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
+    ["--method", "ema"], ["--preset", "best"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"],
     ["--sigma", "inf"], ["--sigma", "nan"], ["--guidance-scale", "nan"], ["--guidance-scale", "-inf"],
     ["--ema", "0.9"], ["--compile"], ["--precision", "tf32"],
     ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"], ["--epochs", "1.5"],
@@ -406,10 +419,18 @@ def test_a_failed_start_leaves_no_empty_out_dir(tmp_path, monkeypatch):
 def test_part_defaults():
     a1, a2 = dm.get_args([]), dm.get_args(["--part", "2"])
     assert (a1.part, a1.epochs, a1.batch_size, a1.lr, a1.hidden, a1.sigma) == (1, 5, 256, 1e-4, 128, 0.5)
-    assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.guidance_scale) == (20, 300, 0.1, 5.0)
+    assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.method) == (20, 300, 0.1, "ddpm")
+    dm.build(a2)  # the method's defaults, where no flag says
+    assert (a2.guidance_scale, a2.sample_steps) == (5.0, None)  # the spec's: 300 steps
+    a3 = dm.get_args(["--part", "2", "--method", "flow", "--device", "cpu", "--hidden", "4"])
+    dm.build(a3)
+    assert (a3.guidance_scale, a3.sample_steps) == (3.0, 50)  # measured, docs/results.md
+    a4 = dm.get_args(["--part", "2", "--method", "flow", "--guidance-scale", "0", "--hidden", "4"])
+    dm.build(a4)
+    assert a4.guidance_scale == 0  # a flag given wins
     assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
     assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
-    assert (a2.sample_steps, a2.digits, a2.limit) == (None, None, 60000)
+    assert (a2.digits, a2.limit) == (None, 60000)
     assert a1.device in ("cuda", "mps", "cpu") and dm.get_args(None).part == 1  # None: no flags
 
 
@@ -418,6 +439,7 @@ def test_help_states_defaults_and_lists_no_removed_flag(capsys):
         dm.get_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
     assert "--precision" in out and "(default: 128)" in out and "(default: 5 or 20 by part)" in out
+    assert "--method" in out and "(default: 5; flow: 3)" in out
     for flag in ("--pm1", "--arch", "--amp", "--channels-last", "--bench-steps", "--checkpoint",
                  "--ema", "--preset", "--clip-x0", "--eval", "--benchmark", "--compile",
                  "--lr-decay", "--gammas", "(default: None)", "(default: False)"):
@@ -438,14 +460,29 @@ def test_pasting_into_a_notebook_runs_nothing(monkeypatch):
     assert callable(ns["main"]) and ns["get_args"](None).part == 1  # the kernel's argv is ignored
 
 
+def fake_kernel(monkeypatch):
+    """A notebook kernel as ddpm_mnist.py sees one; returns the list of what it displays."""
+    shown = []
+    display = types.ModuleType("IPython.display")
+    display.Image = lambda filename: filename
+    display.display = shown.append
+    ipython = types.ModuleType("IPython")
+    ipython.display = display
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    return shown
+
+
 def test_percent_run_in_a_notebook_trains_as_the_shell_does(mnist_dir, tmp_path, monkeypatch):
     """%run ddpm_mnist.py FLAGS runs the file as __main__ with __file__ set and sys.argv = FLAGS."""
-    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", object()))
+    shown = fake_kernel(monkeypatch)
     path = os.path.join(HERE, "ddpm_mnist.py")
     monkeypatch.setattr(sys, "argv", [path, *tiny_flags(mnist_dir, tmp_path, "--epochs", "1",
                                                          "--limit", "32")])
     exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__", "__file__": path})
     assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
+    assert len(shown) == 4  # the final pictures, inline
 
 
 @pytest.mark.parametrize("argv", [["--part", 2], "--part 2", ("--part", "2"), 2])
@@ -475,7 +512,7 @@ def test_missing_data_message(tmp_path, monkeypatch):
         dm.load_mnist(str(tmp_path / "new" / "data"), True, torch.device("cpu"))
     msg = str(e.value)
     assert "--data-dir" in msg and "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
-    assert "\n" not in msg and "without internet" in msg
+    assert "\n" not in msg and "offline, put" in msg
     assert os.listdir(tmp_path) == []  # the folders the download made are gone again
     with pytest.raises(SystemExit):
         dm.load_mnist(str(tmp_path), True, torch.device("cpu"))
@@ -583,16 +620,9 @@ def test_interrupt_in_the_first_epoch_says_nothing_was_saved(mnist_dir, tmp_path
 
 
 def test_pictures_show_inline_only_in_a_kernel(mnist_dir, tmp_path, monkeypatch):
-    shown = []
-    display = types.ModuleType("IPython.display")
-    display.Image = lambda filename: filename
-    display.display = shown.append
-    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
-    monkeypatch.setitem(sys.modules, "IPython.display", display)
     flags = part2_flags(mnist_dir, tmp_path, "--epochs", "2")
-    dm.main(flags)  # no kernel: nothing shown
-    assert shown == []
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    dm.main(flags)  # no kernel: nothing shown, and IPython never imported (see below)
+    shown = fake_kernel(monkeypatch)
     dm.main(flags + ["--out-dir", str(tmp_path / "kernel")])  # the last --out-dir counts
     assert [os.path.basename(p) for p in shown] == ["part2_loss.png", "part2_samples_epoch02.png",
                                                      "part2_guidance.png", "part2_sampling.gif"]
@@ -753,7 +783,7 @@ def test_a_bad_mnist_file_is_one_line(damage, mnist_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         dm.load_mnist(str(data), True, "cpu")
     assert str(e.value).startswith(f"error: cannot load MNIST from {raw} (")
-    assert "delete damaged files to download them again" in str(e.value) and "\n" not in str(e.value)
+    assert "delete damaged ones to download them again" in str(e.value) and "\n" not in str(e.value)
     assert dm.load_mnist(str(data), False, "cpu")[0].shape == (20, 1, 28, 28)  # the test split is fine
 
 
@@ -847,22 +877,24 @@ def test_out_of_memory_is_one_line(mnist_dir, tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counts data allocations")
-def test_the_memory_cap_turns_the_kernels_oom_kill_into_an_error():
+def test_the_memory_cap_turns_the_kernels_oom_kill_into_an_error(tmp_path):
     """Case 3, no limit set: allocations past the machine's memory fail instead of being killed
     later, when touched; these are never touched, so the test itself uses no memory."""
-    code = ("import os, resource, torch, ddpm_mnist as dm\n"
+    code = ("import os, resource, sys, torch, ddpm_mnist as dm\n"
             "ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"
             "unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)\n"
             "resource.setrlimit(resource.RLIMIT_DATA, unlimited)  # not the cap main() left here\n"
             "for cap in (False, True):\n"
-            "    if cap: dm.cap_memory('cpu')\n"
+            "    if cap:  # main() caps the memory, then stops: no checkpoint to resume\n"
+            "        try: dm.main(['--resume', '--device', 'cpu', '--out-dir', sys.argv[1]])\n"
+            "        except SystemExit as e: assert 'no checkpoint' in e.code, e.code\n"
             "    try: kept = [torch.empty(ram // 3, dtype=torch.uint8) for _ in range(4)]\n"
             "    except RuntimeError as e: print('refused' if 'allocate memory' in str(e) else e)\n"
             "    else: print('allowed')\n"
             "    kept = None\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                       timeout=120, env=ONE_THREAD)
-    assert r.stdout.split() == ["allowed", "refused"], r.stderr[-500:]  # Linux overcommits; capped
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], cwd=HERE,
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.stdout.split()[-2:] == ["allowed", "refused"], r.stderr[-500:]  # overcommit; capped
 
 
 @pytest.mark.parametrize("where", ["load_mnist", "build", "new_dirs"])
@@ -947,14 +979,15 @@ def test_the_loss_plot_reads_right_for_any_length(n):
     assert dark(x0 + 2) and dark(x1 - 2) and dark((x0 + x1) // 2)  # no step short of the edge
     texts = []
     draw = ImageDraw.ImageDraw.text
-    ImageDraw.ImageDraw.text = lambda self, xy, text, *a, **k: texts.append((xy, text)) or draw(
+    ImageDraw.ImageDraw.text = lambda self, xy, text, *a, **k: texts.append(text) or draw(
         self, xy, text, *a, **k)
     try:
         dm.loss_plot(losses, dm.get_args([]), max(1, n // 100))
     finally:
         ImageDraw.ImageDraw.text = draw
-    labels = [float(text) for xy, text in texts if xy[0] == 4]  # the loss axis, on the left
-    assert len(labels) == 2 and labels[0] > labels[1] > 0  # the highest over the lowest
+    title = [t for t in texts if "log scale" in t][0]  # "... log scale from LO (bottom) to HI (top)"
+    lo, hi = (float(title.split(" ")[i]) for i in (-5, -2))
+    assert 0 < lo < hi and (hi / lo > 1.25 if n < 3 else hi / lo > 20)  # a flat loss has a scale
 
 
 def test_seeds_up_to_2_32_sample():
@@ -970,7 +1003,7 @@ def test_the_repository_ignores_what_runs_write():
 
 
 # --------------------------------------------------------------------------- precision
-def test_precision_is_chosen_by_the_device():
+def test_precision_is_chosen_by_the_device(tmp_path):
     assert dm.default_precision("cuda", (7, 5)) == "fp16"  # T4: fp16 tensor cores, slow fp32
     assert dm.default_precision("cuda", (7, 0)) == "fp16"  # V100
     assert dm.default_precision("cuda", (8, 0)) == "fp32"  # A100 and newer: TF32 convolutions
@@ -979,13 +1012,36 @@ def test_precision_is_chosen_by_the_device():
     assert dm.get_args(["--device", "cpu", "--precision", "fp16"]).precision == "fp16"
 
 
+@pytest.mark.parametrize("flags, auto", [("fpu sse2 avx2 avx512f", "fp32"),
+                                         ("avx2 avx512f avx512_bf16 avx512_vnni", "bf16"),
+                                         ("avx512f amx_bf16 amx_tile", "bf16"), ("", "fp32")])
+def test_a_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(flags, auto, tmp_path, monkeypatch,
+                                                                 mnist_dir, capsys):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert dm.default_precision("cpu", cpuinfo=str(cpuinfo)) == auto
+    assert dm.default_precision("cuda", (9, 0), str(cpuinfo)) == "fp32"  # a GPU's own rule
+    assert dm.default_precision("cpu", cpuinfo=str(tmp_path / "none")) == "fp32"  # not Linux
+    real = dm.default_precision
+    monkeypatch.setattr(dm, "default_precision", lambda device, capability=None, *_: real(
+        device, capability, str(cpuinfo)))  # this machine, with those flags
+    assert dm.get_args(["--device", "cpu"]).precision == auto  # what auto gives
+    assert dm.get_args(["--device", "cpu", "--precision", "fp32"]).precision == "fp32"
+    dm.main(tiny_flags(mnist_dir, tmp_path / "run", "--epochs", "1", "--limit", "32",
+                       "--precision", "bf16"))
+    out = capsys.readouterr().out
+    assert "part 1 on cpu, bf16 |" in out
+    assert ("note: this CPU multiplies bf16 natively: faster than fp32" if auto == "bf16" else
+            "note: this CPU emulates bf16: slower than fp32") in out
+
+
 def test_fp16_trains_with_a_scaler_and_resumes_bit_identically(mnist_dir, tmp_path, capsys,
                                                                  monkeypatch):
     monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})  # emulated fp16 is slow on a CPU
     flags = ["--part", "2", "--num-ts", "5", "--limit", "32", "--precision", "fp16"]
     dm.main(tiny_flags(mnist_dir, tmp_path / "full", *flags, "--epochs", "2"))
     out = capsys.readouterr().out
-    assert "part 2 on cpu, fp16 |" in out and "note: --precision fp16 is for CUDA GPUs" in out
+    assert "part 2 on cpu, fp16 |" in out and "note: this CPU emulates fp16: slower than fp32" in out
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "1"))
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "2", "--resume"))
     a = torch.load(tmp_path / "full" / "part2.pt", weights_only=True)
@@ -1024,6 +1080,76 @@ def test_restore_gives_what_ddpm_sample_needs(mnist_dir, tmp_path):
     x_0, caches = dm.ddpm_sample(run.model, torch.tensor([2, 0, 2, 6]), (28, 28), schedule,
                                  args.num_ts)
     assert x_0.shape == (4, 1, 28, 28) and len(caches) == 5 and args.hidden == 8 and ckpt["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- rectified flow
+def test_flow_loss_is_its_formula_with_the_same_draws():
+    x_1, c, seen = torch.rand(6, 1, 28, 28), torch.arange(6), []
+    torch.manual_seed(5)
+    loss = dm.flow_forward(recorder(seen), x_1, c, 0.0)
+    torch.manual_seed(5)  # the same draws, in the same order: t, x_0, the class mask
+    t, x_0 = torch.rand(6, 1, 1, 1), torch.randn_like(x_1)
+    x_t, t_in, mask = seen[0]
+    torch.testing.assert_close(x_t, (1 - t) * x_0 + t * x_1)  # the straight path
+    torch.testing.assert_close(t_in, t.flatten())  # the UNet sees t in [0, 1]
+    assert loss.item() == pytest.approx(((x_1 - x_0) ** 2).mean().item())  # ||(x_1 - x_0) - 0||^2
+    assert mask.eq(1).all()
+
+
+class Velocity(torch.nn.Module):
+    """The perfect velocity towards one known x_1 on straight paths: (x_1 - x_t) / (1 - t)."""
+
+    def __init__(self, x_1):
+        super().__init__()
+        self.x_1 = x_1
+
+    def forward(self, x, c, t, mask=None):
+        return (self.x_1.repeat(2, 1, 1, 1) - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+def test_flow_sample_recovers_the_data_with_a_perfect_velocity():
+    x_1, c = torch.rand(2, 1, 28, 28), torch.tensor([3, 4])
+    x_0 = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(2))
+    for steps in (1, 5, 50):
+        x, caches = dm.flow_sample(Velocity(x_1), c, (28, 28), steps, 3.0, seed=2)
+        torch.testing.assert_close(x, x_1, atol=1e-5, rtol=1e-5)  # Euler lands on x_1
+        assert len(caches) == sum(dm.cached(k, steps) for k in range(1, steps + 1))
+        assert torch.equal(caches[0], x_0)  # the noise first
+    unet = dm.ConditionalUNet(1, 10, 4)
+    a, b = (dm.flow_sample(unet, c, (28, 28), 5, 3.0, seed)[0] for seed in (2, 2))
+    assert torch.equal(a, b) and not torch.equal(a, dm.flow_sample(unet, c, (28, 28), 5, 3.0, 9)[0])
+    assert unet.training  # the sampler restores the mode it found
+
+
+def test_flow_end_to_end_with_resume_sample_only_and_measure(mnist_dir, tmp_path, capsys):
+    flags = part2_flags(mnist_dir, tmp_path, "--method", "flow")
+    files = dm.main(flags + ["--epochs", "1"])
+    gif = Image.open(tmp_path / "part2_sampling.gif")
+    assert gif.n_frames == 10 + 1  # 50 Euler steps: 50, 40, 20, 7, ..., 1, then the digits
+    assert {os.path.basename(f) for f in files} == {"part2_loss.png", "part2_samples_epoch01.png",
+                                                    "part2_guidance.png", "part2_sampling.gif"}
+    dm.main(flags + ["--epochs", "2", "--resume"])
+    ckpt = torch.load(tmp_path / "part2.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["method"] == "flow"
+    assert (ckpt["args"]["guidance_scale"], ckpt["args"]["sample_steps"]) == (3.0, 50)
+    split = torch.load(tmp_path / "part2.pt", weights_only=True)["model"]
+    dm.main(part2_flags(mnist_dir, tmp_path / "full", "--method", "flow", "--epochs", "2"))
+    full = torch.load(tmp_path / "full" / "part2.pt", weights_only=True)["model"]
+    assert all(torch.equal(split[k], full[k]) for k in full)  # resume is bit-identical
+    capsys.readouterr()
+    files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--digits", "7"))
+    out = capsys.readouterr().out
+    assert "has --method flow: using it, not ddpm" in out and len(files) == 1
+    report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "1",
+                                     "--gammas", "3"))
+    assert list(report["rows"]) == ["real", "gamma=3"] and report["args"]["method"] == "flow"
+
+
+def test_ddpm_checkpoint_keeps_its_method(mnist_dir, tmp_path, capsys):
+    dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "1"))
+    dm.main(part2_flags(mnist_dir, tmp_path, "--sample-only", "--method", "flow", "--digits", "1"))
+    assert "has --method ddpm: using it, not flow" in capsys.readouterr().out
+
 
 
 # --------------------------------------------------------------------------- docs/measure.py
@@ -1072,7 +1198,7 @@ def test_frechet_distance_closed_forms():
 def test_eval_part2_writes_a_table_and_json(mnist_dir, tmp_path, capsys):
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--num-ts", "5", "--epochs", "1"))
     report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "2", "--gammas",
-                                     "0", "5", "--sample-steps", "3"))
+                                     "0", "5", "--sample-steps", "5"))
     assert os.path.exists(tmp_path / "classifier.pt")
     assert json.load(open(tmp_path / "part2_eval.json")) == json.loads(json.dumps(report))
     assert list(report["rows"]) == ["real", "gamma=0", "gamma=5"] and report["n_per_digit"] == 2

@@ -9,6 +9,8 @@ scales it judges; every other flag is ddpm_mnist.py's (--sample-steps, --precisi
 --hidden for --benchmark, ...). Faults are reported as ddpm_mnist.py reports them: in one line.
 """
 
+import argparse
+import contextlib
 import json
 import math
 import os
@@ -181,8 +183,9 @@ def measure(own, args):
 def main(argv=None):
     """--eval [N] or --benchmark, with ddpm_mnist.py's flags; returns what it printed."""
     prog = "docs/measure.py"
-    p = dm.ArgumentParser(prog, description="Score or time ddpm_mnist.py",
-                          epilog="Other flags are ddpm_mnist.py's: python ddpm_mnist.py --help.")
+    p = argparse.ArgumentParser(prog, description="Score or time ddpm_mnist.py",
+                                epilog="Other flags are ddpm_mnist.py's: python ddpm_mnist.py --help.")
+    p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")  # one line
     p.add_argument("--eval", type=dm.number(int, 1), nargs="?", const=20, metavar="N",
                    help="Part 1: test PSNR at each sigma; Part 2: a judge on N samples per digit "
                         "(N: 20 if not given)")
@@ -197,7 +200,12 @@ def main(argv=None):
     args = None
     try:
         args = dm.get_args(rest + (["--sample-only"] if own.eval else []), prog)
-        dm.cap_memory(args.device)
+        if args.device == "cpu" and os.name == "posix":  # as ddpm_mnist.main() caps memory
+            import resource
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            with contextlib.suppress(ValueError):
+                resource.setrlimit(resource.RLIMIT_DATA, (ram, hard))
         return measure(own, args)
     except (Exception, KeyboardInterrupt) as e:  # one line, as in ddpm_mnist.py
         sys.exit(dm.fault(e, args))
