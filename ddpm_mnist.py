@@ -19,6 +19,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import sys
 import time
 
@@ -29,7 +30,6 @@ import torchvision
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
-
 
 # --------------------------------------------------------------------------- Part 1: the UNet
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
@@ -74,7 +74,6 @@ class UnconditionalUNet(nn.Module):
 def denoise_loss(unet, x, sigma):
     """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
     return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
-
 
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
 FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
@@ -136,10 +135,12 @@ def sampling(unet, c, img_wh, seed):
     was_training = unet.training
     g = torch.Generator(c.device)
     unet.eval()
-    with torch.no_grad():
-        yield lambda k: torch.randn((len(c), 1, *img_wh), generator=g.manual_seed(seed + k),
-                                    device=c.device)
-    unet.train(was_training)
+    try:
+        with torch.no_grad():
+            yield lambda k: torch.randn((len(c), 1, *img_wh), generator=g.manual_seed(seed + k),
+                                        device=c.device)
+    finally:
+        unet.train(was_training)
 
 def ddpm_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0):
     """Algorithm 2 with guidance: x_0 (N, 1, H, W) for labels c (N,) and caches, the x_t kept."""
@@ -157,12 +158,10 @@ def ddpm_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0):
             x_t = mean + math.sqrt(s["beta_tildes"][t - 1]) * z  # sigma_t = sqrt(beta_tilde_t)
     return x_t, caches
 
-
 # --------------------------------------------------------------------------- beyond the spec
 def strided_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0, steps=50):
-    """Algorithm 2 on every (T/K)-th step, t_k = k T/K: ddpm_sample with alpha_k = abar_{t_k} /
-    abar_{t_{k-1}}, the DDPM posterior over each stride (DDIM, eta 1, arXiv 2010.02502)."""
-    assert num_ts % steps == 0, "K must divide T: the UNet then sees t_k / T = k / K"
+    """Algorithm 2 on every (T/K)-th step, t_k = k T/K (K must divide T): ddpm_sample with alpha_k =
+    abar_{t_k} / abar_{t_{k-1}}, the DDPM posterior over each stride (DDIM, eta 1, 2010.02502)."""
     abar = schedule["alpha_bars"][num_ts // steps - 1::num_ts // steps]  # (K,): abar_{t_k}
     abar_prev = F.pad(abar[:-1], (1, 0), value=1.0)  # abar_{t_{k-1}}, with abar_0 = 1
     alphas = abar / abar_prev
@@ -190,7 +189,6 @@ def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
             x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
     return x, caches
 
-
 # --------------------------------------------------------------------------- training
 def load_mnist(root, train, device, limit=None):
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
@@ -204,8 +202,8 @@ def load_mnist(root, train, device, limit=None):
         remove_empty(new)  # a wrong --data-dir leaves no folder behind
         sys.exit(f"error: cannot load MNIST from {root}/MNIST/raw ({type(e).__name__}): offline, "
                  "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                 "t10k-labels-idx1-ubyte there, or pass --data-dir; delete damaged ones to "
-                 "download them again")
+                 "t10k-labels-idx1-ubyte there, or pass --data-dir; a damaged file: delete it to "
+                 "download it again")
     return (x[:, None].float() / 255).to(device), y.to(device)  # (N, 1, 28, 28), (N,)
 
 def method(args):
@@ -228,10 +226,13 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision: fp32 
 
 def build(args):
     """A run: the seeded model, its loss and sampler under autocast, optimizer, fp16 loss scaler."""
+    for key in ("part", "method"):  # the part's defaults, then its method's, where no flag says
+        for k, v in DEFAULTS[vars(args)[key]].items():
+            if vars(args).get(k) is None:
+                setattr(args, k, v)
+    if args.precision == "auto":
+        args.precision = default_precision(args.device)
     torch.manual_seed(args.seed)
-    for k, v in DEFAULTS[args.method].items():  # the method's own, where no flag says
-        if vars(args)[k] is None:
-            setattr(args, k, v)
     D = args.hidden
     model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
     model = model.to(args.device, memory_format=torch.channels_last)  # faster wherever measured
@@ -243,7 +244,7 @@ def build(args):
         scaler=torch.amp.GradScaler(args.device, enabled=args.precision == "fp16"))
 
 RUN_FLAGS = ("hidden", "num_ts", "sigma", "p_uncond", "batch_size", "lr", "lr_decay", "limit",
-             "precision", "method")  # a run's own: --resume and --sample-only take its checkpoint's
+             "method")  # a run's own: --resume and --sample-only take its checkpoint's
 STATES = ("model", "optimizer", "scaler")  # what a checkpoint holds of a run, with its flags
 
 def restore(args, path):
@@ -251,13 +252,15 @@ def restore(args, path):
     try:  # torch.load and load_state_dict check the file: a damaged or foreign one raises
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         for k in RUN_FLAGS:
-            v = ckpt["args"].get(k, vars(args)[k])  # older checkpoints lack some
-            if v != vars(args)[k]:
+            v = ckpt["args"].get(k)  # None: an older checkpoint's default
+            if vars(args).get(k) not in (None, v):  # a flag given that says otherwise
                 print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {vars(args)[k]}")
-                setattr(args, k, v)
+            setattr(args, k, v)
+        args.epochs = args.epochs or ckpt["args"]["epochs"]  # the run's, unless given
         run = build(args)
-        for k in STATES:  # a disabled (fp32) scaler's state is empty, and so is what it loads
-            vars(run)[k].load_state_dict(ckpt[k])
+        for k in STATES:  # an fp32 run's loss scale is empty: an fp16 scaler keeps its own
+            if ckpt[k] or k != "scaler":
+                vars(run)[k].load_state_dict(ckpt[k])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])  # one per GPU; none on a CPU
     except Exception as e:  # what the world throws goes on to main's one handler
@@ -295,7 +298,7 @@ def train(args, run, x, y, start, losses):
             epoch_losses.append(loss.detach())  # no waiting for the device
             if time.time() - t_print > 5 or i + 1 == steps:
                 if not (torch.stack(epoch_losses) < 1e3).all():  # NaN, inf or blown up: stop
-                    raise FloatingPointError(f"the loss diverged in epoch {epoch}: lower --lr")
+                    raise FloatingPointError(f"the loss diverged in epoch {epoch}")
                 t_print = time.time()
                 rate = (i + 1) / (t_print - t_epoch)  # steps per second in this epoch
                 eta = ((args.epochs - epoch + 1) * steps - i - 1) / rate / 60  # minutes
@@ -307,7 +310,6 @@ def train(args, run, x, y, start, losses):
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all())
         yield dict(epoch=epoch, losses=losses, args=vars(args), rng=rng,
                    **{k: vars(run)[k].state_dict() for k in STATES})
-
 
 # --------------------------------------------------------------------------- pictures
 SCALE, PAD = 3, 2  # each 28 px digit drawn 3x larger, 2 px gutters between digits
@@ -336,7 +338,7 @@ def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
     return canvas
 
 def loss_plot(losses, args, epochs):
-    """The loss per step on a log scale in BOX, a centred moving average over 2% of the run."""
+    """The loss per step, a centred moving average over 2% of the run, on a log scale in BOX."""
     k = len(losses) // 100 + 1  # the average spans k steps on each side
     avg = F.avg_pool1d(torch.tensor([losses[:1] + losses]), 2 * k + 1, 1, k,
                        count_include_pad=False)  # (1, n + 1): the first loss also at step 0
@@ -348,16 +350,14 @@ def loss_plot(losses, args, epochs):
     d = ImageDraw.Draw(img)
     d.rectangle(BOX, outline=160)
     d.line(px.flatten().tolist(), 0, 2)  # (n + 1, 2) pixels: x, y of each step
-    for e in range(0, epochs + 1, math.ceil(epochs / 10)):  # at most 11 epochs named
-        d.text((67 + 630 * e / epochs, 376), str(e), 0)
     d.text((70, 10), f"Part {args.part} loss, D={args.hidden}, lr {args.lr:g}; log scale from "
                      f"{10 ** lo:.3g} (bottom) to {10 ** hi:.3g} (top)", 0)
-    d.text((70, 400), f"epoch ({len(losses) // epochs} steps of {args.batch_size} each)", 0)
+    d.text((70, 380), f"epochs 0 to {epochs}, left to right ({len(losses) // epochs} steps of "
+                      f"{args.batch_size} each)", 0)
     return img
 
 def save(args, files, show=False):
-    """Write {name: checkpoint, picture or GIF frames} by way of name.tmp: a failure leaves the old
-    file whole and no .tmp behind; show: inline in a notebook."""
+    """Write {name: checkpoint, picture or GIF frames} by way of name.tmp; show: in a notebook."""
     paths = []
     for name, obj in files.items():
         path = os.path.join(args.out_dir, name)
@@ -394,8 +394,7 @@ def part1_pictures(net, test_x, args, epoch, final):
     if final:  # the same noise at every sigma
         noisy = torch.stack([x[:4] + s * eps[:4] for s in SIGMAS], 1)  # (4, 7, 1, 28, 28)
         labels = [f"sigma={s}" for s in SIGMAS]
-        title = "Part 1: z = x + sigma * eps"
-        out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, title, labels)
+        out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, "Part 1: z = x + sigma eps", labels)
         ood = torch.stack([noisy, net(noisy.flatten(0, 1)).view_as(noisy)], 1)  # (4, 2, 7, ...)
         title = f"Part 1 out of distribution: the denoiser trained at sigma {args.sigma}"
         out["part1_ood.png"] = grid(ood.flatten(0, 2), 7, title, labels, ["noisy", "denoised"] * 4)
@@ -415,12 +414,12 @@ def part2_pictures(run, args, name, final, digits="0123456789"):
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
 
-
 # --------------------------------------------------------------------------- command line
-DEFAULTS = {1: dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part: the spec's
-            2: dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),  # measured, docs/results.md
-            "ddpm": dict(guidance_scale=5.0),  # per method: the spec's; flow's measured
-            "flow": dict(guidance_scale=3.0, sample_steps=50)}
+COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, method="ddpm",
+              precision="auto")  # the flags that are the spec's, or measured: docs/results.md
+DEFAULTS = {1: dict(COMMON, epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part
+            2: dict(COMMON, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),
+            "ddpm": dict(guidance_scale=5.0), "flow": dict(guidance_scale=3.0, sample_steps=50)}
 
 def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo"):
     """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 on a CPU that
@@ -428,7 +427,7 @@ def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo"):
     if device == "cuda" and (capability or torch.cuda.get_device_capability())[0] < 8:
         return "fp16"
     flags = open(cpuinfo).read() if device == "cpu" and os.path.exists(cpuinfo) else ""
-    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+    return "bf16" if re.search("avx512_bf16|amx_bf16", flags) else "fp32"
 
 def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [lo, hi]
     def parse(text):
@@ -439,46 +438,44 @@ def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [l
     return parse
 
 def get_args(argv=None, prog="ddpm_mnist.py"):
-    """Parse a list of flags, as on the command line; None is no flags (never a kernel's argv)."""
+    """Parse a list of flags as on the command line (None: none, never a kernel's argv)."""
     p = argparse.ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
     p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")  # one line
-    devices = ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
-    devices += ["cpu"]  # those available, the first the default
+    devices = (["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+               + ["cpu"])  # those available, the first the default
     count = number(int, 1)
 
-    def add(flag, help, default=None, **kw):  # each help states the default
-        g.add_argument(flag, default=default, help=help, **kw)
+    def add(flag, help, **kw):  # each help states the default
+        g.add_argument(flag, help=help, **kw)
 
     g = p.add_argument_group("run")
-    add("--part", "1: one-step denoiser, 2: DDPM (default: 1)", 1, type=int, choices=[1, 2])
+    add("--part", "1: one-step denoiser, 2: DDPM (default: 1)", default=1, type=int, choices=[1, 2])
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count)
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count)
     add("--lr", "Adam's lr (default: 1e-4 or 1e-3 by part)", type=number(float, 1e-12, 1e3))
-    add("--hidden", "UNet width D (default: 128)", 128, type=count)
-    add("--seed", "random seed (default: 0)", 0, type=number(int, 0, 2 ** 32 - 1))
-    add("--device", f"cuda, mps or cpu (default: {devices[0]})", devices[0], choices=devices)
-    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0 (T4, V100), else "
-        "fp32 (default: auto)", "auto", choices=["auto", "fp32", "fp16", "bf16"])
-    add("--data-dir", "torchvision's MNIST root (default: data)", "data", type=os.path.expanduser)
-    add("--out-dir", "where a run writes (default: out)", "out", type=os.path.expanduser)
-    add("--limit", "train on the first N images (default: 60000, all)", 60000, type=count)
+    add("--hidden", "UNet width D (default: 128)", type=count)
+    add("--seed", "random seed (default: 0)", default=0, type=number(int, 0, 2 ** 32 - 1))
+    add("--device", f"cuda, mps or cpu (default: {devices[0]})", default=devices[0],
+        choices=devices)
+    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0, bf16 on CPUs that "
+        "have it, else fp32 (default: auto)", choices=["auto", "fp32", "fp16", "bf16"])
+    add("--data-dir", "MNIST's root (default: data)", default="data", type=os.path.expanduser)
+    add("--out-dir", "where a run writes (default: out)", default="out", type=os.path.expanduser)
+    add("--limit", "train on the first N images (default: 60000, all)", type=count)
     add("--resume", "continue OUT_DIR/partN.pt, or draw its pictures", action="store_true")
     add("--sample-only", "draw the final pictures of OUT_DIR/partN.pt", action="store_true")
     g = p.add_argument_group("part 1")
-    add("--sigma", "training noise level (default: 0.5)", 0.5, type=number(float, 0, 1e3))
+    add("--sigma", "training noise level (default: 0.5)", type=number(float, 0, 1e3))
     g = p.add_argument_group("part 2")
-    add("--num-ts", "diffusion steps T (default: 300)", 300, type=count)
-    add("--p-uncond", "class dropout probability (default: 0.1)", 0.1, type=number(float, 0, 1))
-    add("--method", "ddpm, or flow: rectified flow (default: ddpm)", "ddpm",
-        choices=["ddpm", "flow"])
+    add("--num-ts", "diffusion steps T (default: 300)", type=count)
+    add("--p-uncond", "class dropout probability (default: 0.1)", type=number(float, 0, 1))
+    add("--method", "ddpm, or flow: rectified flow (default: ddpm)", choices=["ddpm", "flow"])
     add("--digits", "draw 4 samples of each of these digits, such as 2026")
     add("--guidance-scale", "CFG gamma (default: 5; flow: 3)", type=number(float, -1e6, 1e6))
     add("--sample-steps", "K of the T steps, or K Euler steps (default: T; flow: 50)", type=count)
-    p.set_defaults(**DEFAULTS[p.parse_args(argv or []).part])
-    args = p.parse_args(argv or [])  # flags given win over these per-part defaults
-    if args.digits is not None and (args.part == 1 or not args.digits.isdecimal()):
-        p.error(f"argument --digits: {args.digits!r} is not digits such as 2026 of --part 2")
-    args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
+    args = p.parse_args(argv or [])  # what is not given stays None: build() fills it in
+    if args.digits is not None and (args.part == 1 or not re.fullmatch("[0-9]{1,40}", args.digits)):
+        p.error(f"argument --digits: {args.digits!r} is not 1 to 40 digits, or not --part 2")
     return args
 
 def new_dirs(path):  # the folders that os.makedirs(path) would make, deepest first
@@ -493,21 +490,23 @@ def remove_empty(folders):
 def fault(e, args):
     """The one line for what the world threw at a run: what happened, what the checkpoint on disk
     holds (read from it) and what to do next. Anything else is a bug and keeps its traceback."""
-    oom = isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e)
-    if not (oom or isinstance(e, (OSError, FloatingPointError, KeyboardInterrupt))):
+    memory = isinstance(e, MemoryError) or "memory" in str(e)  # CUDA's, the CPU's, the OS's words
+    if not (memory or isinstance(e, (OSError, FloatingPointError, KeyboardInterrupt))):
         raise e
-    what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
-    if oom:
-        what = "error: out of memory: lower --batch-size or --hidden"
     try:
         path = os.path.join(args.out_dir, f"part{args.part}.pt")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = f"{path} holds epoch {ckpt['epoch']} of {ckpt['args']['epochs']}"
+        saved = f"{path} holds epoch {ckpt['epoch']} of {ckpt['args']['epochs']}: "
+        again = "--resume continues"
     except Exception:  # none, not ours, or no flags parsed yet
-        return f"{what}; no checkpoint saved"
-    if isinstance(e, FloatingPointError):  # the same run would diverge again
-        return f"{what}; {saved}: start a new run"
-    return f"{what}; {saved}: --resume continues"
+        saved, again = "no checkpoint saved: ", "run again"
+    if memory:  # the same flags would run out again
+        return f"error: out of memory; {saved}start anew, lower --batch-size, --hidden or --num-ts"
+    if isinstance(e, FloatingPointError):  # and diverge again
+        return f"error: {e}; {saved}start anew with a lower --lr"
+    if isinstance(e, OSError):
+        return f"error: {e}; {saved}fix that, then {again}"
+    return f"interrupted; {saved}{again}"
 
 def run(args):
     """One run alone in --out-dir: made if missing, locked while the process lives (a crash or a
@@ -520,7 +519,6 @@ def run(args):
             import fcntl
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if held
     except BlockingIOError:
-        lock.close()
         sys.exit(f"error: a run of Part {args.part} is writing into {args.out_dir}: let it "
                  "finish, or choose another --out-dir")
     try:
@@ -535,7 +533,7 @@ def train_and_draw(args):
     """Train, resume or draw the final pictures in a locked --out-dir; returns the files written."""
     ckpt_path = os.path.join(args.out_dir, f"part{args.part}.pt")
     found = os.path.exists(ckpt_path)
-    if found != bool(args.resume or args.sample_only):  # never overwrite a run, nor invent one
+    if found != (args.resume or args.sample_only):  # never overwrite a run, nor invent one
         sys.exit(f"error: {ckpt_path} holds a run: --resume continues it; to start over, delete it"
                  " or choose another --out-dir" if found else f"error: no checkpoint at {ckpt_path}"
                  " to resume or sample from: check --part and --out-dir")
@@ -554,14 +552,12 @@ def train_and_draw(args):
     test_x = load_mnist(args.data_dir, False, args.device)[0] if args.part == 1 else None
     t0 = time.time()
     files = []
-
     def pictures(epoch, final):  # the loss plot, then the epoch's pictures
         out = {f"part{args.part}_loss.png": loss_plot(losses, args, epoch)}
         if epoch in (1, 5, 10, 15, 20) or final:
             out.update(part1_pictures(run.model, test_x, args, epoch, final) if args.part == 1
                        else part2_pictures(run, args, f"samples_epoch{epoch:02d}", final))
         return out
-
     if start > args.epochs or args.sample_only:  # trained: the final pictures again
         if not (args.sample_only and args.digits):
             files += save(args, pictures(start - 1, True), show=True)
@@ -574,12 +570,12 @@ def train_and_draw(args):
     if args.digits:
         files += save(args, part2_pictures(run, args, f"digits_{args.digits}", False, args.digits),
                       show=True)
-    print(f"done in {time.time() - t0:.1f} s: {len(set(files))} pictures in {args.out_dir}")
+    print(f"done in {time.time() - t0:.1f} s; pictures in {args.out_dir}: {len(set(files))}")
     return sorted(set(files))
 
 def main(argv=None):
     """Run flags given as on the command line, a list of strings; returns the pictures written."""
-    if not isinstance(argv or [], list) or not all(isinstance(a, str) for a in argv or []):
+    if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         sys.exit(f"error: main() takes a list of strings such as ['--part', '2'], not {argv!r}")
     args = None
     try:
@@ -587,12 +583,14 @@ def main(argv=None):
         if args.device == "cpu" and os.name == "posix":  # memory capped at the machine's, so a
             import resource  # run too large raises rather than being killed, notebook kernel too
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-            with contextlib.suppress(ValueError):  # a hard limit below ram stays as it is
-                resource.setrlimit(resource.RLIMIT_DATA, (ram, hard))
+            if resource.getrlimit(resource.RLIMIT_DATA)[0] == resource.RLIM_INFINITY:  # or yours
+                resource.setrlimit(resource.RLIMIT_DATA, (ram, resource.RLIM_INFINITY))
         return run(args)
     except (Exception, KeyboardInterrupt) as e:  # not SystemExit: its line is written already
-        sys.exit(fault(e, args))
+        line = "interrupted"  # if Ctrl-C comes again while the checkpoint is read
+        with contextlib.suppress(KeyboardInterrupt):
+            line = fault(e, args)
+        sys.exit(line)
 
 
 if __name__ == "__main__" and "__file__" in globals():  # a shell or %run; not a pasted cell

@@ -333,8 +333,6 @@ def test_strided_sampler_is_ddpm_on_every_kth_step():
     unet.training, unet.eval, unet.train = False, lambda: None, lambda mode: None
     dm.strided_sample(unet, torch.tensor([1]), (28, 28), s, 12, 1.0, seed=0, steps=4)
     assert [round(t[0].item() * 12) for _, t, _ in seen] == [12, 9, 6, 3]  # t_k / T, as trained
-    with pytest.raises(AssertionError):
-        dm.strided_sample(unet, torch.tensor([1]), (28, 28), s, 12, 1.0, steps=5)
 
 
 def test_tiny_model_overfits_one_batch(mnist_dir, tmp_path):
@@ -371,6 +369,7 @@ def test_recalibrate_is_the_plain_mean_and_draws_no_random_numbers():
     ["--p-uncond", "nan"], ["--device", "cuda:7"], ["--device", "tpu"], ["--epochs", "1.5"],
     ["--seed", "-1"], ["--seed", "4294967296"], ["--seed", "18446744073709551616"],
     ["--precision", "fp8"], ["--digits", "12a"], ["--digits", ""], ["--digits", "²"],
+    ["--part", "2", "--digits", "٢٠٢٦"], ["--part", "2", "--digits", "1" * 41],
     ["--part", "1", "--digits", "7"], ["--benchmark"], ["--guidance-scale", "1e39"]])
 def test_bad_flags_exit_2_in_one_line(flags, capsys):
     with pytest.raises(SystemExit) as e:
@@ -403,7 +402,8 @@ def test_unusable_out_dir_is_refused_before_training(where, why, mnist_dir, tmp_
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("not a folder")
     line = exits(["--out-dir", where, "--data-dir", mnist_dir, "--hidden", "4"])
-    assert line.startswith("error: [Errno ") and why in line and "no checkpoint saved" in line
+    assert line.startswith("error: [Errno ") and why in line
+    assert line.endswith("no checkpoint saved: fix that, then run again")
     assert (tmp_path / "taken").read_text() == "not a folder"
     assert "| step" not in capsys.readouterr().out  # no training step ran
 
@@ -418,20 +418,21 @@ def test_a_failed_start_leaves_no_empty_out_dir(tmp_path, monkeypatch):
 
 def test_part_defaults():
     a1, a2 = dm.get_args([]), dm.get_args(["--part", "2"])
+    assert (a1.epochs, a1.hidden, a2.lr, a2.method) == (None, None, None, None)  # not given
+    for args in a1, a2:
+        dm.build(args)  # the part's defaults, then its method's
     assert (a1.part, a1.epochs, a1.batch_size, a1.lr, a1.hidden, a1.sigma) == (1, 5, 256, 1e-4, 128, 0.5)
     assert (a2.epochs, a2.num_ts, a2.p_uncond, a2.method) == (20, 300, 0.1, "ddpm")
-    dm.build(a2)  # the method's defaults, where no flag says
-    assert (a2.guidance_scale, a2.sample_steps) == (5.0, None)  # the spec's: 300 steps
+    assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
+    assert (a2.guidance_scale, a2.sample_steps, a2.limit) == (5.0, None, 60000)  # the spec's sampler
     a3 = dm.get_args(["--part", "2", "--method", "flow", "--device", "cpu", "--hidden", "4"])
     dm.build(a3)
     assert (a3.guidance_scale, a3.sample_steps) == (3.0, 50)  # measured, docs/results.md
-    a4 = dm.get_args(["--part", "2", "--method", "flow", "--guidance-scale", "0", "--hidden", "4"])
+    a4 = dm.get_args(["--part", "2", "--method", "flow", "--guidance-scale", "0", "--lr", "0.01"])
     dm.build(a4)
-    assert a4.guidance_scale == 0  # a flag given wins
-    assert (a1.lr_decay, a2.lr_decay, a2.batch_size, a2.lr) == (1.0, 0.1, 128, 1e-3)
-    assert dm.get_args(["--part", "2", "--lr", "0.01"]).lr == 0.01
-    assert (a2.digits, a2.limit) == (None, 60000)
+    assert (a4.guidance_scale, a4.lr) == (0, 0.01)  # a flag given wins
     assert a1.device in ("cuda", "mps", "cpu") and dm.get_args(None).part == 1  # None: no flags
+    assert a1.precision in ("fp32", "bf16", "fp16")  # auto, resolved by build()
 
 
 def test_help_states_defaults_and_lists_no_removed_flag(capsys):
@@ -485,7 +486,7 @@ def test_percent_run_in_a_notebook_trains_as_the_shell_does(mnist_dir, tmp_path,
     assert len(shown) == 4  # the final pictures, inline
 
 
-@pytest.mark.parametrize("argv", [["--part", 2], "--part 2", ("--part", "2"), 2])
+@pytest.mark.parametrize("argv", [["--part", 2], "--part 2", ("--part", "2"), 2, "", (), 0])
 def test_main_takes_a_list_of_strings(argv):
     line = exits(argv)
     assert line.startswith("error: main() takes a list of strings such as ['--part', '2'], not ")
@@ -615,7 +616,7 @@ def test_interrupt_during_pictures_keeps_that_epoch(mnist_dir, tmp_path, monkeyp
 def test_interrupt_in_the_first_epoch_says_nothing_was_saved(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(dm, "recalibrate", interrupt)
     assert exits(tiny_flags(mnist_dir, tmp_path / "new", "--epochs", "1", "--limit", "32")) == (
-        "interrupted; no checkpoint saved")
+        "interrupted; no checkpoint saved: run again")
     assert not os.path.exists(tmp_path / "new")  # a run that saved nothing leaves no folder
 
 
@@ -729,19 +730,18 @@ def test_pictures_lost_to_an_interrupt_are_drawn_again(flag, mnist_dir, tmp_path
     assert files == {"part2_loss.png", "part2_samples_epoch02.png", "part2_guidance.png",
                      "part2_sampling.gif"}
     assert all(os.path.getsize(tmp_path / f) > 0 for f in files)
-    assert "4 pictures" in capsys.readouterr().out
+    assert f"pictures in {tmp_path}: 4" in capsys.readouterr().out
 
 
 def test_the_run_flags_come_from_the_checkpoint_and_are_printed(mnist_dir, tmp_path, capsys):
     dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "1", "--lr", "0.002"))
     capsys.readouterr()
-    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--hidden", "99"))
+    dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--hidden", "99",
+                       "--lr", "0.002"))
     out = capsys.readouterr().out
-    assert f"{tmp_path / 'part2.pt'} has --hidden 8: using it, not 99" in out
-    assert f"{tmp_path / 'part2.pt'} has --num-ts 5: using it, not 300" in out
-    assert f"{tmp_path / 'part2.pt'} has --lr 0.002: using it, not 0.001" in out
-    assert f"{tmp_path / 'part2.pt'} has --limit 32: using it, not 60000" in out
-    assert "| D=8," in out  # the header shows the checkpoint's model
+    assert f"{tmp_path / 'part2.pt'} has --hidden 8: using it, not 99" in out  # a flag given
+    assert " has --" not in out.replace("has --hidden 8", "")  # agreeing or not given: no word
+    assert "| D=8, epochs 1, batch 32, lr 0.002" in out  # the checkpoint's run
     dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--resume", "--epochs", "2"))
     ckpt = torch.load(tmp_path / "part2.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["args"]["lr"], ckpt["args"]["limit"]) == (2, 0.002, 32)
@@ -764,7 +764,7 @@ def test_part1_pictures_use_the_sigma_it_was_trained_at(mnist_dir, tmp_path, mon
     monkeypatch.setattr(dm, "grid", lambda x, n, title, *a, **k: titles.append(title) or real(
         x, n, title, *a, **k))
     dm.main(tiny_flags(mnist_dir, tmp_path, "--sample-only"))
-    assert "has --sigma 0.3: using it, not 0.5" in capsys.readouterr().out
+    assert "has --sigma" not in capsys.readouterr().out  # not given: no word
     assert "Part 1 after epoch 1: test digits, sigma 0.3" in titles
 
 
@@ -783,7 +783,7 @@ def test_a_bad_mnist_file_is_one_line(damage, mnist_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         dm.load_mnist(str(data), True, "cpu")
     assert str(e.value).startswith(f"error: cannot load MNIST from {raw} (")
-    assert "delete damaged ones to download them again" in str(e.value) and "\n" not in str(e.value)
+    assert "a damaged file: delete it to download it again" in str(e.value) and "\n" not in str(e.value)
     assert dm.load_mnist(str(data), False, "cpu")[0].shape == (20, 1, 28, 28)  # the test split is fine
 
 
@@ -830,15 +830,16 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_epoch(blow_up, mnist_dir
 
     monkeypatch.setattr(dm, "denoise_loss", diverge)
     assert exits(tiny_flags(mnist_dir, tmp_path, "--epochs", "3", "--limit", "32")) == (
-        f"error: the loss diverged in epoch 2: lower --lr; {tmp_path / 'part1.pt'} holds epoch 1 "
-        "of 3: start a new run")
+        f"error: the loss diverged in epoch 2; {tmp_path / 'part1.pt'} holds epoch 1 of 3: start "
+        "anew with a lower --lr")
     assert torch.load(tmp_path / "part1.pt", weights_only=True)["epoch"] == 1
 
 
 def test_lr_1000_stops_before_a_diverged_epoch_is_saved(mnist_dir, tmp_path):
     line = exits(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--lr", "1000", "--epochs", "3",
                             "--num-ts", "5", "--batch-size", "8"))
-    assert line == "error: the loss diverged in epoch 1: lower --lr; no checkpoint saved"
+    assert line == ("error: the loss diverged in epoch 1; no checkpoint saved: start anew with a "
+                    "lower --lr")
     assert os.listdir(tmp_path) == []
 
 
@@ -851,7 +852,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(mnist_dir, tmp_pa
     os.symlink("/dev/full", tmp_path / "part1.pt.tmp")  # its writes fail with ENOSPC
     assert exits(flags + ["--epochs", "2", "--resume"]) == (
         f"error: [Errno 28] No space left on device; {tmp_path / 'part1.pt'} holds epoch 1 of 1: "
-        "--resume continues")
+        "fix that, then --resume continues")
     assert (tmp_path / "part1.pt").read_bytes() == before
     assert not os.path.lexists(tmp_path / "part1.pt.tmp")
 
@@ -862,18 +863,20 @@ def test_a_picture_that_cannot_be_written_is_one_line(mnist_dir, tmp_path):
     flags = part2_flags(mnist_dir, tmp_path, "--epochs", "1")
     os.symlink("/dev/full", tmp_path / "part2_loss.png.tmp")
     assert exits(flags) == (f"error: [Errno 28] No space left on device; {tmp_path / 'part2.pt'} "
-                            "holds epoch 1 of 1: --resume continues")
+                            "holds epoch 1 of 1: fix that, then --resume continues")
     assert not os.path.lexists(tmp_path / "part2_loss.png.tmp")
     (tmp_path / "part2_sampling.gif").mkdir()
     line = exits(flags + ["--resume"])
-    assert "Is a directory" in line and line.endswith("holds epoch 1 of 1: --resume continues")
+    assert "Is a directory" in line and line.endswith("holds epoch 1 of 1: fix that, then --resume "
+                                                      "continues")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
 
 
 def test_out_of_memory_is_one_line(mnist_dir, tmp_path):
     """Case 3: a model too large for any memory (1.4 TB of weights) fails at once, in one line."""
     assert exits(tiny_flags(mnist_dir, tmp_path, "--hidden", "200000")) == (
-        "error: out of memory: lower --batch-size or --hidden; no checkpoint saved")
+        "error: out of memory; no checkpoint saved: start anew, lower --batch-size, --hidden or "
+        "--num-ts")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counts data allocations")
@@ -895,6 +898,14 @@ def test_the_memory_cap_turns_the_kernels_oom_kill_into_an_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], cwd=HERE,
                        capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert r.stdout.split()[-2:] == ["allowed", "refused"], r.stderr[-500:]  # overcommit; capped
+    code = ("import resource, sys, ddpm_mnist as dm\n"
+            "resource.setrlimit(resource.RLIMIT_DATA, (2 ** 40, resource.RLIM_INFINITY))\n"
+            "try: dm.main(['--resume', '--device', 'cpu', '--out-dir', sys.argv[1]])\n"
+            "except SystemExit: pass\n"
+            "print(resource.getrlimit(resource.RLIMIT_DATA)[0] == 2 ** 40)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], cwd=HERE,
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.stdout.split()[-1:] == ["True"], r.stderr[-500:]  # a limit of the user's stays
 
 
 @pytest.mark.parametrize("where", ["load_mnist", "build", "new_dirs"])
@@ -902,7 +913,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(where, mnist_dir, tmp_path
     """Case 4: while MNIST is read, the model is built, the out-dir is made."""
     monkeypatch.setattr(dm, where, interrupt)
     assert exits(tiny_flags(mnist_dir, tmp_path / "new", "--epochs", "1")) == (
-        "interrupted; no checkpoint saved")
+        "interrupted; no checkpoint saved: run again")
     assert not os.path.exists(tmp_path / "new")
 
 
@@ -911,8 +922,7 @@ def test_ctrl_c_while_the_judge_trains_is_one_line(mnist_dir, tmp_path, monkeypa
     monkeypatch.setattr(measure, "step", interrupt)
     with pytest.raises(SystemExit) as e:
         measure.main(part2_flags(mnist_dir, tmp_path, "--eval", "1", "--gammas", "5"))
-    assert e.value.code == (f"interrupted; {tmp_path / 'part2.pt'} holds epoch 1 of 1: --resume "
-                            "continues")
+    assert e.value.code == "interrupted"  # nothing of docs/measure.py's to resume
     assert not os.path.exists(tmp_path / "classifier.pt")
 
 
@@ -954,6 +964,45 @@ def test_sampling_from_a_copied_checkpoint_reads_no_mnist(mnist_dir, tmp_path):
     assert not os.path.exists(tmp_path / "no-data")
 
 
+def test_resume_of_a_finished_run_keeps_its_epochs(mnist_dir, tmp_path, capsys):
+    """--resume without --epochs is the checkpoint's run, not the part's default of 20 epochs."""
+    dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "1"))
+    capsys.readouterr()
+    files = dm.main(part2_flags(mnist_dir, tmp_path, "--resume"))
+    out = capsys.readouterr().out
+    assert "after epoch 1; the run is finished" in out and "| epoch" not in out
+    assert torch.load(tmp_path / "part2.pt", weights_only=True)["epoch"] == 1 and len(files) == 4
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_read_is_one_line(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "recalibrate", interrupt)
+    monkeypatch.setattr(dm.torch, "load", interrupt)  # the handler's own reading, interrupted too
+    assert exits(tiny_flags(mnist_dir, tmp_path, "--epochs", "1", "--limit", "32")) == "interrupted"
+
+
+def test_an_fp16_checkpoint_samples_in_the_precision_asked_for(mnist_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})  # emulated fp16 is slow here
+    dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "1", "--precision", "fp16"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    dm.main(part2_flags(mnist_dir, tmp_path, "--sample-only", "--digits", "3", "--precision", "fp32"))
+    out = capsys.readouterr().out
+    assert "part 2 on cpu, fp32 |" in out and "has --precision" not in out
+    dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "2", "--resume", "--precision", "fp32"))
+    ckpt = torch.load(tmp_path / "part2.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["precision"] == "fp32" and ckpt["scaler"] == {}
+
+
+def test_a_sampler_stopped_by_an_error_restores_the_mode(monkeypatch):
+    unet = dm.ConditionalUNet(1, 10, 4)
+    s = dm.ddpm_schedule(1e-4, 0.02, 5)
+    monkeypatch.setattr(dm, "guided_eps", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dm.ddpm_sample(unet, torch.tensor([1]), (28, 28), s, 5)
+    assert unet.training
+
+
 def test_non_finite_samples_are_reported_and_drawn_grey(capsys):
     x = torch.full((3, 1, 28, 28), math.nan)
     pixels = set(dm.grid(x, 3, "nan").tobytes())
@@ -973,7 +1022,9 @@ def test_labels_are_never_cut(rows, title):
 def test_the_loss_plot_reads_right_for_any_length(n):
     """A line from the left edge of the box to its right edge; two different y labels."""
     losses = [1.0] * n if n < 3 else [1 / (1 + i) for i in range(n)]
-    img = dm.loss_plot(losses, dm.get_args([]), max(1, n // 100))
+    args = dm.get_args(["--hidden", "4"])
+    dm.build(args)  # the flags' defaults
+    img = dm.loss_plot(losses, args, max(1, n // 100))
     x0, y0, x1, y1 = dm.BOX
     dark = lambda x: any(img.getpixel((x, y)) < 100 for y in range(y0 + 2, y1 - 1))
     assert dark(x0 + 2) and dark(x1 - 2) and dark((x0 + x1) // 2)  # no step short of the edge
@@ -982,7 +1033,7 @@ def test_the_loss_plot_reads_right_for_any_length(n):
     ImageDraw.ImageDraw.text = lambda self, xy, text, *a, **k: texts.append(text) or draw(
         self, xy, text, *a, **k)
     try:
-        dm.loss_plot(losses, dm.get_args([]), max(1, n // 100))
+        dm.loss_plot(losses, args, max(1, n // 100))
     finally:
         ImageDraw.ImageDraw.text = draw
     title = [t for t in texts if "log scale" in t][0]  # "... log scale from LO (bottom) to HI (top)"
@@ -1025,8 +1076,11 @@ def test_a_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(flags, auto, tmp
     real = dm.default_precision
     monkeypatch.setattr(dm, "default_precision", lambda device, capability=None, *_: real(
         device, capability, str(cpuinfo)))  # this machine, with those flags
-    assert dm.get_args(["--device", "cpu"]).precision == auto  # what auto gives
-    assert dm.get_args(["--device", "cpu", "--precision", "fp32"]).precision == "fp32"
+    for flags, precision in ([], auto), (["--precision", "auto"], auto), (["--precision", "fp32"],
+                                                                           "fp32"):
+        args = dm.get_args(["--device", "cpu", "--hidden", "4", *flags])
+        dm.build(args)
+        assert args.precision == precision
     dm.main(tiny_flags(mnist_dir, tmp_path / "run", "--epochs", "1", "--limit", "32",
                        "--precision", "bf16"))
     out = capsys.readouterr().out
@@ -1136,10 +1190,11 @@ def test_flow_end_to_end_with_resume_sample_only_and_measure(mnist_dir, tmp_path
     dm.main(part2_flags(mnist_dir, tmp_path / "full", "--method", "flow", "--epochs", "2"))
     full = torch.load(tmp_path / "full" / "part2.pt", weights_only=True)["model"]
     assert all(torch.equal(split[k], full[k]) for k in full)  # resume is bit-identical
-    capsys.readouterr()
     files = dm.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--sample-only", "--digits", "7"))
-    out = capsys.readouterr().out
-    assert "has --method flow: using it, not ddpm" in out and len(files) == 1
+    assert len(files) == 1
+    args = dm.get_args(["--part", "2"])
+    dm.restore(args, str(tmp_path / "part2.pt"))  # the method and its defaults come with the run
+    assert (args.method, args.guidance_scale, args.sample_steps) == ("flow", 3.0, 50)
     report = measure.main(tiny_flags(mnist_dir, tmp_path, "--part", "2", "--eval", "1",
                                      "--gammas", "3"))
     assert list(report["rows"]) == ["real", "gamma=3"] and report["args"]["method"] == "flow"

@@ -207,8 +207,8 @@ def main(argv=None):
             with contextlib.suppress(ValueError):
                 resource.setrlimit(resource.RLIMIT_DATA, (ram, hard))
         return measure(own, args)
-    except (Exception, KeyboardInterrupt) as e:  # one line, as in ddpm_mnist.py
-        sys.exit(dm.fault(e, args))
+    except (Exception, KeyboardInterrupt) as e:  # one line, as in ddpm_mnist.py, less its advice
+        sys.exit(dm.fault(e, args).split("; ")[0])  # on resuming: nothing here to resume
 
 
 if __name__ == "__main__":
