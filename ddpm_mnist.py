@@ -11,8 +11,7 @@ sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rect
 In a notebook, paste this file into a cell, then main(["--part", "2"]); or %run ddpm_mnist.py
 --part 2. On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25)
 and Part 2 about 2 minutes (every digit of the final grid of the class asked for); a Colab T4 trains
-in fp16. On 2 CPU cores, try --hidden 32 --epochs 2 first: 8 minutes, or 5 in bf16 where the CPU
-multiplies it natively (--precision auto then picks it).
+in fp16. On 2 CPU cores try --hidden 32 --epochs 2 first: 8 minutes, 5 where bf16 is native.
 """
 
 import argparse
@@ -494,6 +493,7 @@ def fault(e, args):
     memory = isinstance(e, MemoryError) or "memory" in str(e)  # CUDA's, the CPU's, the OS's words
     if not (memory or isinstance(e, (OSError, FloatingPointError, KeyboardInterrupt))):
         raise e
+    e.__traceback__ = None  # its frames' tensors freed: the checkpoint may need that memory
     try:
         path = os.path.join(args.out_dir, f"part{args.part}.pt")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -501,8 +501,9 @@ def fault(e, args):
         again = "--resume continues"
     except Exception:  # none, not ours, or no flags parsed yet
         saved, again = "no checkpoint saved: ", "run again"
-    if memory:  # the same flags would run out again
-        return f"error: out of memory; {saved}start anew, lower --batch-size, --hidden or --num-ts"
+    if memory:  # with more memory free, or a smaller run
+        return (f"error: out of memory; {saved}free some, then {again}; or start anew with a lower "
+                "--batch-size, --hidden or --num-ts")
     if isinstance(e, FloatingPointError):  # and diverge again
         return f"error: {e}; {saved}start anew with a lower --lr"
     if isinstance(e, OSError):
@@ -542,12 +543,13 @@ def train_and_draw(args):
     start, losses = ckpt["epoch"] + 1, ckpt["losses"]
     print(f"part {args.part} on {args.device}, {args.precision} | D={args.hidden}, epochs "
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
-    if args.device == "cpu" and args.precision != "fp32":  # why, or why not
-        native = args.precision == default_precision("cpu")
-        print("note: this CPU multiplies bf16 natively: faster than fp32" if native else
-              f"note: this CPU emulates {args.precision}: slower than fp32")
-    if args.resume:
-        print(f"resumed from {ckpt_path} after epoch {start - 1}; " + (
+    if args.device == "cpu":  # why this precision, whichever it is
+        native = default_precision("cpu") == "bf16"
+        print("note: this CPU multiplies bf16 natively: bf16 trains fastest, fp16 is emulated"
+              if native else "note: this CPU emulates bf16 and fp16: fp32 trains fastest")
+    if args.resume:  # in the command line's precision, which may not be the run's
+        print(f"resumed from {ckpt_path} after epoch {start - 1}, trained in "
+              f"{ckpt['args']['precision']}; " + (
             f"the lr decays over all {args.epochs} epochs" if start <= args.epochs else
             "the run is finished (a larger --epochs trains on)"))
     test_x = load_mnist(args.data_dir, False, args.device)[0] if args.part == 1 else None

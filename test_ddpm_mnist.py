@@ -720,7 +720,7 @@ def test_resuming_a_finished_run_draws_its_final_pictures(mnist_dir, tmp_path, c
     dm.main(flags)
     before = (tmp_path / "part1.pt").read_bytes()
     files = dm.main(flags + ["--resume"])
-    assert "after epoch 1; the run is finished (a larger --epochs trains on)" in capsys.readouterr().out
+    assert "after epoch 1, trained in fp32; the run is finished (a larger --epochs trains on)" in capsys.readouterr().out
     assert {os.path.basename(f) for f in files} == {"part1_loss.png", "part1_denoised_epoch01.png",
                                                     "part1_noising.png", "part1_ood.png"}
     assert (tmp_path / "part1.pt").read_bytes() == before
@@ -762,7 +762,7 @@ def test_a_longer_resume_says_how_the_lr_decays(mnist_dir, tmp_path, capsys):
     """The lr decays over the --epochs of the command: a longer resume raises it, and says so."""
     dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "2"))
     dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "4", "--resume"))
-    assert "after epoch 2; the lr decays over all 4 epochs" in capsys.readouterr().out
+    assert "after epoch 2, trained in fp32; the lr decays over all 4 epochs" in capsys.readouterr().out
     lr = torch.load(tmp_path / "part2.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(1e-3 * 0.1 ** (3 / 4))  # epoch 4 of 4
 
@@ -886,8 +886,24 @@ def test_a_picture_that_cannot_be_written_is_one_line(mnist_dir, tmp_path):
 def test_out_of_memory_is_one_line(mnist_dir, tmp_path):
     """Case 3: a model too large for any memory (1.4 TB of weights) fails at once, in one line."""
     assert exits(tiny_flags(mnist_dir, tmp_path, "--hidden", "200000")) == (
-        "error: out of memory; no checkpoint saved: start anew, lower --batch-size, --hidden or "
-        "--num-ts")
+        "error: out of memory; no checkpoint saved: free some, then run again; or start anew with "
+        "a lower --batch-size, --hidden or --num-ts")
+
+
+def test_out_of_memory_beside_a_checkpoint_keeps_it_and_says_what_it_holds(mnist_dir, tmp_path,
+                                                                          monkeypatch):
+    """Sampling from a trained run runs out: the line reads the checkpoint, and never says that
+    nothing was saved nor only that the run should start anew."""
+    dm.main(part2_flags(mnist_dir, tmp_path, "--epochs", "1"))
+
+    def grab(*args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB")
+
+    monkeypatch.setattr(dm, "part2_pictures", grab)
+    line = exits(part2_flags(mnist_dir, tmp_path, "--sample-only"))
+    assert line == (f"error: out of memory; {tmp_path}/part2.pt holds epoch 1 of 1: free some, "
+                    "then --resume continues; or start anew with a lower --batch-size, --hidden "
+                    "or --num-ts")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counts data allocations")
@@ -984,7 +1000,7 @@ def test_resume_of_a_finished_run_keeps_its_epochs(mnist_dir, tmp_path, capsys):
     capsys.readouterr()
     files = dm.main(part2_flags(mnist_dir, tmp_path, "--resume"))
     out = capsys.readouterr().out
-    assert "after epoch 1; the run is finished" in out and "| epoch" not in out
+    assert "after epoch 1, trained in fp32; the run is finished" in out and "| epoch" not in out
     assert torch.load(tmp_path / "part2.pt", weights_only=True)["epoch"] == 1 and len(files) == 4
 
 
@@ -1099,8 +1115,8 @@ def test_a_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(flags, auto, tmp
                        "--precision", "bf16"))
     out = capsys.readouterr().out
     assert "part 1 on cpu, bf16 |" in out
-    assert ("note: this CPU multiplies bf16 natively: faster than fp32" if auto == "bf16" else
-            "note: this CPU emulates bf16: slower than fp32") in out
+    assert ("note: this CPU multiplies bf16 natively: bf16 trains fastest, fp16 is emulated" if
+            auto == "bf16" else "note: this CPU emulates bf16 and fp16: fp32 trains fastest") in out
 
 
 def test_fp16_trains_with_a_scaler_and_resumes_bit_identically(mnist_dir, tmp_path, capsys,
@@ -1109,9 +1125,11 @@ def test_fp16_trains_with_a_scaler_and_resumes_bit_identically(mnist_dir, tmp_pa
     flags = ["--part", "2", "--num-ts", "5", "--limit", "32", "--precision", "fp16"]
     dm.main(tiny_flags(mnist_dir, tmp_path / "full", *flags, "--epochs", "2"))
     out = capsys.readouterr().out
-    assert "part 2 on cpu, fp16 |" in out and "note: this CPU emulates fp16: slower than fp32" in out
+    assert "part 2 on cpu, fp16 |" in out
+    assert "fp16 is emulated" in out or "emulates bf16 and fp16" in out
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "1"))
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "2", "--resume"))
+    assert "after epoch 1, trained in fp16; " in capsys.readouterr().out  # the run's precision
     a = torch.load(tmp_path / "full" / "part2.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "part2.pt", weights_only=True)
     assert a["scaler"]["scale"] > 0 and a["scaler"] == b["scaler"] and a["losses"] == b["losses"]
