@@ -11,7 +11,7 @@ sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rect
 In a notebook, paste this file into a cell, then main(["--part", "2"]); or %run ddpm_mnist.py
 --part 2. On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25)
 and Part 2 about 2 minutes (every digit of the final grid of the class asked for); a Colab T4 trains
-in fp16. On 2 CPU cores try --hidden 32 --epochs 2 first: 8 minutes, 5 where bf16 is native.
+in fp16. On 2 CPU cores try --hidden 32 --epochs 2 first: 8 minutes (flow in bf16: 4).
 """
 
 import argparse
@@ -231,7 +231,7 @@ def build(args):
             if vars(args).get(k) is None:
                 setattr(args, k, v)
     if args.precision == "auto":
-        args.precision = default_precision(args.device)
+        args.precision = default_precision(args.device, method=args.method)
     torch.manual_seed(args.seed)
     D = args.hidden
     model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
@@ -272,7 +272,7 @@ def restore(args, path):
 
 def recalibrate(run, x, y, batch_size):
     """BatchNorm's running statistics: the plain mean of 100 training batches (docs/results.md)."""
-    with torch.no_grad(), torch.random.fork_rng([x.device] if x.is_cuda else []):  # no RNG drawn
+    with torch.no_grad(), torch.random.fork_rng():  # the CPU's and GPUs' generators: none drawn
         for m in run.model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.reset_running_stats()
@@ -421,13 +421,13 @@ DEFAULTS = {1: dict(COMMON, epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  #
             2: dict(COMMON, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),
             "ddpm": dict(guidance_scale=5.0), "flow": dict(guidance_scale=3.0, sample_steps=50)}
 
-def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo"):
-    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 on a CPU that
-    multiplies bf16 natively (avx512_bf16 or amx_bf16 in Linux's cpuinfo; docs/results.md); fp32."""
+def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo", method="flow"):
+    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 for flow on CPUs
+    that multiply it natively (avx512_bf16 or amx_bf16; DDPM lost quality there: docs); fp32."""
     if device == "cuda" and (capability or torch.cuda.get_device_capability())[0] < 8:
         return "fp16"
     flags = open(cpuinfo).read() if device == "cpu" and os.path.exists(cpuinfo) else ""
-    return "bf16" if re.search("avx512_bf16|amx_bf16", flags) else "fp32"
+    return "bf16" if method == "flow" and re.search("avx512_bf16|amx_bf16", flags) else "fp32"
 
 def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [lo, hi]
     def parse(text):
@@ -457,8 +457,8 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     add("--seed", "random seed (default: 0)", default=0, type=number(int, 0, 2 ** 32 - 1))
     add("--device", f"cuda, mps or cpu (default: {devices[0]})", default=devices[0],
         choices=devices)
-    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0, bf16 on CPUs that "
-        "have it, else fp32 (default: auto)", choices=["auto", "fp32", "fp16", "bf16"])
+    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0, bf16 for flow on "
+        "CPUs that have it, else fp32 (default: auto)", choices=["auto", "fp32", "fp16", "bf16"])
     add("--data-dir", "MNIST's root (default: data)", default="data", type=os.path.expanduser)
     add("--out-dir", "where a run writes (default: out)", default="out", type=os.path.expanduser)
     add("--limit", "train on the first N images (default: 60000, all)", type=count)
@@ -545,7 +545,7 @@ def train_and_draw(args):
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
     if args.device == "cpu":  # why this precision, whichever it is
         native = default_precision("cpu") == "bf16"
-        print("note: this CPU multiplies bf16 natively: bf16 trains fastest, fp16 is emulated"
+        print("note: this CPU has native bf16, not fp16: auto trains flow in bf16, DDPM in fp32"
               if native else "note: this CPU emulates bf16 and fp16: fp32 trains fastest")
     if args.resume:  # in the command line's precision, which may not be the run's
         print(f"resumed from {ckpt_path} after epoch {start - 1}, trained in "

@@ -1098,24 +1098,30 @@ def test_precision_is_chosen_by_the_device(tmp_path):
                                          ("avx512f amx_bf16 amx_tile", "bf16"), ("", "fp32")])
 def test_a_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(flags, auto, tmp_path, monkeypatch,
                                                                  mnist_dir, capsys):
+    """auto: bf16 for flow where the CPU has it; DDPM stays fp32 (it scored worse in bf16)."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert dm.default_precision("cpu", cpuinfo=str(cpuinfo)) == auto
+    assert dm.default_precision("cpu", cpuinfo=str(cpuinfo), method="ddpm") == "fp32"
     assert dm.default_precision("cuda", (9, 0), str(cpuinfo)) == "fp32"  # a GPU's own rule
     assert dm.default_precision("cpu", cpuinfo=str(tmp_path / "none")) == "fp32"  # not Linux
     real = dm.default_precision
-    monkeypatch.setattr(dm, "default_precision", lambda device, capability=None, *_: real(
-        device, capability, str(cpuinfo)))  # this machine, with those flags
-    for flags, precision in ([], auto), (["--precision", "auto"], auto), (["--precision", "fp32"],
-                                                                           "fp32"):
-        args = dm.get_args(["--device", "cpu", "--hidden", "4", *flags])
+    monkeypatch.setattr(dm, "default_precision", lambda device, capability=None, *_, **kw: real(
+        device, capability, str(cpuinfo), **kw))  # this machine, with those flags
+    for flags, precision in ((["--method", "flow"], auto), (["--method", "flow", "--precision",
+                             "auto"], auto), (["--method", "flow", "--precision", "fp32"], "fp32"),
+                             ([], "fp32"), (["--precision", "bf16"], "bf16")):
+        args = dm.get_args(["--part", "2", "--device", "cpu", "--hidden", "4", *flags])
         dm.build(args)
         assert args.precision == precision
+    args = dm.get_args(["--device", "cpu", "--hidden", "4"])  # Part 1
+    dm.build(args)
+    assert args.precision == "fp32"
     dm.main(tiny_flags(mnist_dir, tmp_path / "run", "--epochs", "1", "--limit", "32",
                        "--precision", "bf16"))
     out = capsys.readouterr().out
     assert "part 1 on cpu, bf16 |" in out
-    assert ("note: this CPU multiplies bf16 natively: bf16 trains fastest, fp16 is emulated" if
+    assert ("note: this CPU has native bf16, not fp16: auto trains flow in bf16, DDPM in fp32" if
             auto == "bf16" else "note: this CPU emulates bf16 and fp16: fp32 trains fastest") in out
 
 
@@ -1126,7 +1132,7 @@ def test_fp16_trains_with_a_scaler_and_resumes_bit_identically(mnist_dir, tmp_pa
     dm.main(tiny_flags(mnist_dir, tmp_path / "full", *flags, "--epochs", "2"))
     out = capsys.readouterr().out
     assert "part 2 on cpu, fp16 |" in out
-    assert "fp16 is emulated" in out or "emulates bf16 and fp16" in out
+    assert "not fp16" in out or "emulates bf16 and fp16" in out
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "1"))
     dm.main(tiny_flags(mnist_dir, tmp_path / "split", *flags, "--epochs", "2", "--resume"))
     assert "after epoch 1, trained in fp16; " in capsys.readouterr().out  # the run's precision
