@@ -588,6 +588,11 @@ def test_bad_checkpoints_are_one_line_errors(mnist_dir, tmp_path):
     torch.save(ckpt, tmp_path / "part1.pt")
     assert "not a Part 1 checkpoint" in exits(tiny_flags(mnist_dir, tmp_path, "--sample-only"))
     assert "no checkpoint at" in exits(tiny_flags(mnist_dir, tmp_path / "empty", "--sample-only"))
+    whole = (tmp_path / "part1.pt").read_bytes()
+    for n in (100, 5000, len(whole) // 2):  # a torn copy (torch.load raises OSError 22 for some)
+        (tmp_path / "part1.pt").write_bytes(whole[:n])
+        line = exits(tiny_flags(mnist_dir, tmp_path, "--sample-only"))
+        assert line.startswith(f"error: {tmp_path}/part1.pt is not a Part 1 checkpoint"), line
 
 
 def test_interrupt_during_pictures_keeps_that_epoch(mnist_dir, tmp_path, monkeypatch):
@@ -887,7 +892,7 @@ def test_out_of_memory_is_one_line(mnist_dir, tmp_path):
     """Case 3: a model too large for any memory (1.4 TB of weights) fails at once, in one line."""
     assert exits(tiny_flags(mnist_dir, tmp_path, "--hidden", "200000")) == (
         "error: out of memory; no checkpoint saved: free some, then run again; or start anew with "
-        "a lower --batch-size, --hidden or --num-ts")
+        "a lower --batch-size or --hidden")
 
 
 def test_out_of_memory_beside_a_checkpoint_keeps_it_and_says_what_it_holds(mnist_dir, tmp_path,
@@ -902,8 +907,8 @@ def test_out_of_memory_beside_a_checkpoint_keeps_it_and_says_what_it_holds(mnist
     monkeypatch.setattr(dm, "part2_pictures", grab)
     line = exits(part2_flags(mnist_dir, tmp_path, "--sample-only"))
     assert line == (f"error: out of memory; {tmp_path}/part2.pt holds epoch 1 of 1: free some, "
-                    "then --resume continues; or start anew with a lower --batch-size, --hidden "
-                    "or --num-ts")
+                    "then --resume continues; or start anew with a lower --batch-size or "
+                    "--hidden")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counts data allocations")
@@ -1114,9 +1119,10 @@ def test_a_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(flags, auto, tmp
         args = dm.get_args(["--part", "2", "--device", "cpu", "--hidden", "4", *flags])
         dm.build(args)
         assert args.precision == precision
-    args = dm.get_args(["--device", "cpu", "--hidden", "4"])  # Part 1
-    dm.build(args)
-    assert args.precision == "fp32"
+    for flags in [], ["--method", "flow"]:  # Part 1, which has no flow
+        args = dm.get_args(["--device", "cpu", "--hidden", "4", *flags])
+        dm.build(args)
+        assert args.precision == "fp32"
     dm.main(tiny_flags(mnist_dir, tmp_path / "run", "--epochs", "1", "--limit", "32",
                        "--precision", "bf16"))
     out = capsys.readouterr().out
