@@ -230,7 +230,7 @@ def build(args):
         for k, v in DEFAULTS[vars(args)[key]].items():
             if vars(args).get(k) is None:
                 setattr(args, k, v)
-    if args.precision == "auto":
+    if args.precision == "auto":  # Part 1 has no method: False, never flow's bf16
         args.precision = default_precision(args.device, method=args.part == 2 and args.method)
     torch.manual_seed(args.seed)
     D = args.hidden
