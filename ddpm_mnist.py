@@ -3,11 +3,9 @@
 Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-conditioned DDPM (arXiv
 2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598), with the spec's
 sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rectified flow instead.
-
     pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
-
 In a notebook, paste this file into a cell, then main(["--part", "2"]); or %run ddpm_mnist.py
 --part 2. On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25)
 and Part 2 about 2 minutes (every digit of the final grid of the class asked for); a Colab T4 trains
@@ -16,10 +14,13 @@ in fp16. On 2 CPU cores try --part 2 --hidden 32 --epochs 2 first: 8 minutes (fl
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import os
+import pathlib
 import re
+import signal
 import sys
 import time
 
@@ -34,7 +35,6 @@ from torchvision.utils import make_grid
 # --------------------------------------------------------------------------- Part 1: the UNet
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
     return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
-
 # The spec's operations (its atomic_ops figure), each making its layers; shapes of one image.
 Conv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 1, 1))  # (Din, H, W) -> (Dout, H, W)
 DownConv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 2, 1))  # -> (Dout, H/2, W/2)
@@ -44,7 +44,6 @@ Unflatten = lambda c: BN_GELU(nn.ConvTranspose2d(c, c, 7, 7, 0))  # (D, 1, 1) ->
 ConvBlock = lambda cin, cout: nn.Sequential(Conv(cin, cout), Conv(cout, cout))  # as Conv
 DownBlock = lambda cin, cout: nn.Sequential(DownConv(cin, cout), ConvBlock(cout, cout))  # Down
 UpBlock = lambda cin, cout: nn.Sequential(UpConv(cin, cout), ConvBlock(cout, cout))  # as UpConv
-
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
     def __init__(self, in_channels=1, num_hiddens=128):
@@ -56,7 +55,6 @@ class UnconditionalUNet(nn.Module):
         self.up1, self.up2 = UpBlock(4 * D, D), UpBlock(2 * D, D)
         self.conv_out = ConvBlock(2 * D, D)
         self.head = nn.Conv2d(D, in_channels, 3, 1, 1)  # a plain conv: no BatchNorm, no GELU
-
     def forward(self, x, c1=None, t1=None, c2=None, t2=None):
         """Part 2 passes c1, t1 (N, 2D, 1, 1) and c2, t2 (N, D, 1, 1); Part 1 none."""
         e0 = self.conv_in(x)  # (N, D, 28, 28)
@@ -70,15 +68,13 @@ class UnconditionalUNet(nn.Module):
             u1 = c2 * u1 + t2
         u2 = self.up2(torch.cat([e1, u1], 1))  # (N, 2D, 14, 14) -> (N, D, 28, 28)
         return self.head(self.conv_out(torch.cat([e0, u2], 1)))  # (N, 2D, ...) -> (N, 1, 28, 28)
-
 def denoise_loss(unet, x, sigma):
     """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
     return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
 
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
-FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
-# FCBlock: (N, Fin) -> (N, Fout)
-
+def FCBlock(fin, fout):  # (N, Fin) -> (N, Fout)
+    return nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
     def __init__(self, in_channels=1, num_classes=10, num_hiddens=128):
@@ -87,18 +83,15 @@ class ConditionalUNet(UnconditionalUNet):
         self.num_classes = num_classes
         self.fc1_t, self.fc1_c = FCBlock(1, 2 * D), FCBlock(num_classes, 2 * D)
         self.fc2_t, self.fc2_c = FCBlock(1, D), FCBlock(num_classes, D)
-
     def forward(self, x, c, t, mask=None):
         """x (N, 1, 28, 28); c (N,) labels; t (N,) in [0, 1]; mask (N,): 1 keeps c, 0 drops it."""
         c = F.one_hot(c, self.num_classes).to(x.dtype)  # (N, 10)
         if mask is not None:  # None keeps every class
             c = c * mask.to(x.dtype)[:, None]  # (N, 10): rows with mask 0 become the zero vector
         t = t.to(x.dtype)[:, None]  # (N, 1)
-        hw = lambda v: v[:, :, None, None]  # (N, F) -> (N, F, 1, 1): broadcast over H and W
-        c1, t1 = hw(self.fc1_c(c)), hw(self.fc1_t(t))
-        c2, t2 = hw(self.fc2_c(c)), hw(self.fc2_t(t))
+        fcs = [self.fc1_c(c), self.fc1_t(t), self.fc2_c(c), self.fc2_t(t)]  # (N, F) each
+        c1, t1, c2, t2 = [v[:, :, None, None] for v in fcs]  # (N, F, 1, 1): over H and W
         return super().forward(x, c1, t1, c2, t2)  # u0 = c1 * u0 + t1, u1 = c2 * u1 + t2
-
 def ddpm_schedule(beta1, beta2, num_ts):
     """Linear DDPM schedule; index i of every tensor holds timestep t = i + 1 (t = 1..T)."""
     assert 0 < beta1 < beta2 < 1, "need 0 < beta1 < beta2 < 1"
@@ -109,7 +102,6 @@ def ddpm_schedule(beta1, beta2, num_ts):
     beta_tildes = (1 - abar_prev) / (1 - alpha_bars) * betas  # eq. 7; 0 at t = 1
     s = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars, beta_tildes=beta_tildes)
     return {k: v.float() for k, v in s.items()}
-
 def ddpm_forward(unet, schedule, x_0, c, p_uncond, num_ts):
     """Algorithm 1: the loss ||eps - eps_theta(x_t, t/T, c)||^2 of x_0 (N, 1, 28, 28), c (N,)."""
     t = torch.randint(1, num_ts + 1, (len(c),), device=c.device)  # t ~ U{1, ..., T}
@@ -118,7 +110,6 @@ def ddpm_forward(unet, schedule, x_0, c, p_uncond, num_ts):
     x_t = abar.sqrt() * x_0 + (1 - abar).sqrt() * eps  # eq. 4
     mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
     return F.mse_loss(unet(x_t, c, t / num_ts, mask), eps)
-
 def guided_eps(unet, x_t, c, t, gamma):
     """CFG: eps_u + gamma (eps_c - eps_u) at t in [0, 1], both from one UNet call on 2N samples."""
     n, dev = len(c), c.device
@@ -126,22 +117,21 @@ def guided_eps(unet, x_t, c, t, gamma):
     eps = unet(torch.cat([x_t, x_t]), c.repeat(2), x_t.new_full((2 * n,), t), mask)
     eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
     return eps_u + gamma * (eps_c - eps_u)
-
-cached = lambda t, num_ts: t % 20 == 0 or t == num_ts or t < 8  # the x_t kept: 22 of T = 300
-
+def cached(t, num_ts):  # the spec's rule for the x_t kept: 22 of T = 300
+    return t % 20 == 0 or t == num_ts or t < 8
 @contextlib.contextmanager
 def sampling(unet, c, img_wh, seed):
     """A sampler's frame: eval mode, no gradients; noise(k) ~ N(0, I) from the seed shifted by k."""
     was_training = unet.training
     g = torch.Generator(c.device)
+    def noise(k):  # (N, 1, H, W)
+        return torch.randn((len(c), 1, *img_wh), generator=g.manual_seed(seed + k), device=c.device)
     unet.eval()
     try:
         with torch.no_grad():
-            yield lambda k: torch.randn((len(c), 1, *img_wh), generator=g.manual_seed(seed + k),
-                                        device=c.device)
+            yield noise
     finally:
-        unet.train(was_training)
-
+        unet.train(was_training)  # also when an error stops the sampler
 def ddpm_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0):
     """Algorithm 2 with guidance: x_0 (N, 1, H, W) for labels c (N,) and caches, the x_t kept."""
     s = {k: v.tolist() for k, v in schedule.items()}  # floats: no device syncs
@@ -168,7 +158,6 @@ def strided_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0
     beta_tildes = (1 - abar_prev) / (1 - abar) * (1 - alphas)  # eq. 7 over the stride
     s = dict(alphas=alphas, alpha_bars=abar, beta_tildes=beta_tildes)
     return ddpm_sample(unet, c, img_wh, s, steps, guidance_scale, seed)
-
 def flow_forward(unet, x_1, c, p_uncond):
     """Rectified flow (arXiv 2209.03003, 2210.02747): ||(x_1 - x_0) - v(x_t, t, c)||^2 on the
     straight path x_t = (1 - t) x_0 + t x_1 from noise x_0 to data x_1, t ~ U[0, 1]."""
@@ -176,7 +165,6 @@ def flow_forward(unet, x_1, c, p_uncond):
     x_0 = torch.randn_like(x_1)  # x_0 ~ N(0, I)
     mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
     return F.mse_loss(unet((1 - t) * x_0 + t * x_1, c, t.flatten(), mask), x_1 - x_0)
-
 def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
     """Euler steps x <- x + v / K from noise (t = 0) to data (t = 1), along the velocity guided as
     guided_eps guides eps; caches by the spec's rule on the steps left."""
@@ -189,97 +177,111 @@ def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
             x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
     return x, caches
 
+# --------------------------------------------------------------------------- methods
+# A method is one object, as in minRF: its defaults, its loss and its sampler, built from the
+# settled flags. METHODS gives --method its choices: a third method is a class and a line there.
+class Method:
+    bf16_on_cpu = False  # auto's choice on CPUs that multiply bf16 natively: docs/results.md
+    def __init__(self, args):
+        self.args = args
+class Denoiser(Method):
+    """Part 1: the one-step denoiser at noise level --sigma; the spec's defaults."""
+    defaults = dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0)
+    def loss(self, net, x, c):
+        return denoise_loss(net, x, self.args.sigma)
+class DDPM(Method):
+    """Part 2, the spec: eps on the linear schedule, sampled on all T steps or on K of them."""
+    defaults = dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1, guidance_scale=5.0,
+                    sample_steps=None)  # the lr and its decay were measured: docs/results.md
+    def __init__(self, args):
+        super().__init__(args)
+        if args.num_ts % (args.sample_steps or args.num_ts):  # t_k = k T / K, as trained
+            usage_error(f"argument --sample-steps: {args.sample_steps} does not divide T")
+        s = ddpm_schedule(1e-4, 0.02, args.num_ts)  # the spec's betas
+        self.schedule = {k: v.to(args.device) for k, v in s.items()}
+    def loss(self, net, x, c):
+        return ddpm_forward(net, self.schedule, x, c, self.args.p_uncond, self.args.num_ts)
+    def sample(self, net, c, gamma):
+        T, K, seed = self.args.num_ts, self.args.sample_steps, self.args.seed
+        if K is None or K == T:  # Algorithm 2
+            return ddpm_sample(net, c, (28, 28), self.schedule, T, gamma, seed)
+        return strided_sample(net, c, (28, 28), self.schedule, T, gamma, seed, K)
+class Flow(Method):
+    """Rectified flow: the same UNet learns a velocity, sampled by K Euler steps."""
+    defaults = dict(DDPM.defaults, guidance_scale=3.0, sample_steps=50)
+    bf16_on_cpu = True  # it scored as in fp32 and trained 1.65x faster: docs/results.md
+    def loss(self, net, x, c):
+        return flow_forward(net, x, c, self.args.p_uncond)
+    def sample(self, net, c, gamma):
+        return flow_sample(net, c, (28, 28), self.args.sample_steps, gamma, self.args.seed)
+METHODS = {"ddpm": DDPM, "flow": Flow}  # Part 2's --method
+def method_of(flags):  # Part 1's, or the --method of Part 2
+    return Denoiser if flags["part"] == 1 else METHODS[flags["method"]]
+
 # --------------------------------------------------------------------------- training
 def load_mnist(root, train, device, limit=None):
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
     new = new_dirs(os.path.join(root, "MNIST", "raw"))  # what a download would make
     try:  # torchvision downloads what is missing, then reads and checks the files
         mnist = torchvision.datasets.MNIST(root, train, download=True)
-        x, y = mnist.data[:limit], mnist.targets[:limit]  # (N, 28, 28) uint8, (N,) int64
+        x, y = mnist.data, mnist.targets  # (N, 28, 28) uint8, (N,) int64
         if len(x) != len(y) or y.max() > 9:
             raise ValueError("images and labels do not match")
     except Exception as e:  # no internet, or files that are not MNIST's: many kinds of errors
-        remove_empty(new)  # a wrong --data-dir leaves no folder behind
+        if isinstance(e, MEMORY):
+            raise
         sys.exit(f"error: cannot load MNIST from {root}/MNIST/raw ({type(e).__name__}): offline, "
                  "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                  "t10k-labels-idx1-ubyte there, or pass --data-dir; a damaged file: delete it to "
                  "download it again")
-    return (x[:, None].float() / 255).to(device), y.to(device)  # (N, 1, 28, 28), (N,)
-
-def method(args):
-    """The one place that picks loss(net, x, c) and sampler(net, c, gamma) by part and method."""
-    T, K = args.num_ts, args.sample_steps  # K: --sample-steps
-    if args.part == 1:
-        return lambda net, x, c: denoise_loss(net, x, args.sigma), None
-    if args.method == "flow":
-        return (lambda net, x, c: flow_forward(net, x, c, args.p_uncond),
-                lambda net, c, g: flow_sample(net, c, (28, 28), K, g, args.seed))
-    s = {k: v.to(args.device) for k, v in ddpm_schedule(1e-4, 0.02, T).items()}
-    loss = lambda net, x, c: ddpm_forward(net, s, x, c, args.p_uncond, T)
-    if K and T % K:
-        sys.exit(f"error: --sample-steps {K} does not divide --num-ts {T}")
-    if K:  # K = T is Algorithm 2 again (tested), by the longer route
-        return loss, lambda net, c, g: strided_sample(net, c, (28, 28), s, T, g, args.seed, K)
-    return loss, lambda net, c, g: ddpm_sample(net, c, (28, 28), s, T, g, args.seed)
-
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision: fp32 needs none
-
+    finally:
+        remove_empty(new)  # a failed or interrupted download leaves no empty folders
+    return (x[:limit, None].float() / 255).to(device), y[:limit].to(device)  # (N, 1, 28, 28)
+# The flags of one command; every other flag is a run's own: saved with it, and taken from its
+# checkpoint by --resume and --sample-only. So a new flag is one line in get_args().
+PER_COMMAND = ("part", "epochs", "device", "precision", "data_dir", "out_dir", "resume",
+               "sample_only", "digits", "guidance_scale", "sample_steps")
+COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, seed=0,
+              method="ddpm", precision="auto")  # the spec's, or measured: docs/results.md
+def settle(cli, saved=None):
+    """Each flag's value, once: a run's own from its checkpoint, else the command line's."""
+    # Then the checkpoint's --epochs, then the defaults of the method (of its part).
+    given = {k: v for k, v in vars(cli).items() if v is not None}
+    own = {k: v for k, v in (saved or {}).items() if k in vars(cli) and k not in PER_COMMAND}
+    for k in own.keys() & given.keys():
+        if own[k] != given[k]:
+            print(f"the checkpoint has --{k.replace('_', '-')} {own[k]}: using it, not {given[k]}")
+    method = method_of({**COMMON, **given, **own})
+    epochs = {"epochs": saved["epochs"]} if saved else {}
+    flags = {**vars(cli), **COMMON, **method.defaults, **epochs, **given, **own}
+    if flags["precision"] == "auto":
+        flags["precision"] = default_precision(flags["device"], method)
+    return argparse.Namespace(**flags)
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision
 def build(args):
-    """A run: the seeded model, its loss and sampler under autocast, optimizer, fp16 loss scaler."""
-    for key in ("part", "method"):  # the part's defaults, then its method's, where no flag says
-        for k, v in DEFAULTS[vars(args)[key]].items():
-            if vars(args).get(k) is None:
-                setattr(args, k, v)
-    if args.precision == "auto":  # Part 1 has no method: False, never flow's bf16
-        args.precision = default_precision(args.device, method=args.part == 2 and args.method)
+    """The run of the settled flags: model, method, optimizer, loss scaler, autocast."""
     torch.manual_seed(args.seed)
     D = args.hidden
-    model = ConditionalUNet(1, 10, D) if args.part == 2 else UnconditionalUNet(1, D)
-    model = model.to(args.device, memory_format=torch.channels_last)  # faster wherever measured
-    amp = torch.autocast(args.device, AUTOCAST.get(args.precision), args.precision in AUTOCAST)
-    loss, sampler = method(args)
+    model = UnconditionalUNet(1, D) if args.part == 1 else ConditionalUNet(1, 10, D)
+    layout = torch.contiguous_format if args.device == "mps" else torch.channels_last
+    model = model.to(args.device, memory_format=layout)  # channels_last: faster where measured
     return argparse.Namespace(
-        model=model, loss=amp(loss), sample=sampler and amp(sampler),
+        model=model, method=method_of(vars(args))(args),
         optimizer=torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.device == "cuda"),
-        scaler=torch.amp.GradScaler(args.device, enabled=args.precision == "fp16"))
-
-RUN_FLAGS = ("hidden", "num_ts", "sigma", "p_uncond", "batch_size", "lr", "lr_decay", "limit",
-             "method")  # a run's own: --resume and --sample-only take its checkpoint's
+        scaler=torch.amp.GradScaler(args.device, enabled=args.precision == "fp16"),
+        autocast=torch.autocast(args.device, dtype=AUTOCAST[args.precision],
+                                enabled=args.precision != "fp32"))
 STATES = ("model", "optimizer", "scaler")  # what a checkpoint holds of a run, with its flags
-
-def restore(args, path):
-    """build() the run saved at path: its flags, weights, optimizer, loss scale and RNG state."""
-    try:  # torch.load and load_state_dict check the file: a damaged or foreign one raises
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for k in RUN_FLAGS:
-            v = ckpt["args"].get(k)  # None: an older checkpoint's default
-            if vars(args).get(k) not in (None, v):  # a flag given that says otherwise
-                print(f"{path} has --{k.replace('_', '-')} {v}: using it, not {vars(args)[k]}")
-            setattr(args, k, v)
-        args.epochs = args.epochs or ckpt["args"]["epochs"]  # the run's, unless given
-        run = build(args)
-        for k in STATES:  # an fp32 run's loss scale is empty: an fp16 scaler keeps its own
-            if ckpt[k] or k != "scaler":
-                vars(run)[k].load_state_dict(ckpt[k])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])  # one per GPU; none on a CPU
-    except Exception as e:  # what the world throws goes on to main's one handler
-        if isinstance(e, OSError) and e.filename:  # the file unreadable, not a torn one
-            raise
-        sys.exit(f"error: {path} is not a Part {args.part} checkpoint of this script "
-                 f"({type(e).__name__})")
-    return run, ckpt
-
 def recalibrate(run, x, y, batch_size):
     """BatchNorm's running statistics: the plain mean of 100 training batches (docs/results.md)."""
-    with torch.no_grad(), torch.random.fork_rng():  # the CPU's and GPUs' generators: none drawn
+    gpu = [x.device] if x.is_cuda else []  # its generator and the CPU's are left as they were
+    with torch.no_grad(), torch.random.fork_rng(devices=gpu), run.autocast:
         for m in run.model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.reset_running_stats()
                 m.momentum = None  # a cumulative average, not momentum 0.1's last few batches
         for idx in torch.randperm(len(x), device=x.device)[:100 * batch_size].split(batch_size):
-            run.loss(run.model, x[idx], y[idx])  # a forward pass in train mode: batch statistics
-
+            run.method.loss(run.model, x[idx], y[idx])  # a forward pass in train mode
 def train(args, run, x, y, start, losses):
     """The loop both parts share, from epoch start on; yields each epoch's checkpoint."""
     steps = math.ceil(len(x) / args.batch_size)
@@ -290,7 +292,8 @@ def train(args, run, x, y, start, losses):
         epoch_losses = []
         t_epoch = t_print = time.time()
         for i, idx in enumerate(torch.randperm(len(x), device=x.device).split(args.batch_size)):
-            loss = run.loss(run.model, x[idx], y[idx])
+            with run.autocast:  # the forward pass in --precision; backward follows it
+                loss = run.method.loss(run.model, x[idx], y[idx])
             run.optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()  # fp16: the loss scaled against underflow
             run.scaler.step(run.optimizer)
@@ -300,14 +303,16 @@ def train(args, run, x, y, start, losses):
                 if not (torch.stack(epoch_losses) < 1e3).all():  # NaN, inf or blown up: stop
                     raise FloatingPointError(f"the loss diverged in epoch {epoch}")
                 t_print = time.time()
-                rate = (i + 1) / (t_print - t_epoch)  # steps per second in this epoch
-                eta = ((args.epochs - epoch + 1) * steps - i - 1) / rate / 60  # minutes
+                seen = min((i + 1) * args.batch_size, len(x))  # images of this epoch
+                rate = seen / (t_print - t_epoch)  # per second
+                eta = ((args.epochs - epoch + 1) * len(x) - seen) / rate / 60  # minutes
                 print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
-                      f"loss {epoch_losses[-1].item():.4f} | {rate * args.batch_size:.0f} img/s | "
-                      f"ETA {eta:.1f} min")
+                      f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
         recalibrate(run, x, y, args.batch_size)  # for the checkpoint and the pictures
         losses += torch.stack(epoch_losses).tolist()  # float32 losses, also under autocast
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all())
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all())  # every GPU's
+        if args.device == "mps":
+            rng["mps"] = torch.mps.get_rng_state()
         yield dict(epoch=epoch, losses=losses, args=vars(args), rng=rng,
                    **{k: vars(run)[k].state_dict() for k in STATES})
 
@@ -315,8 +320,8 @@ def train(args, run, x, y, start, losses):
 SCALE, PAD = 3, 2  # each 28 px digit drawn 3x larger, 2 px gutters between digits
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of Part 1's pictures
 GAMMAS = [0, 1, 3, 5, 10]  # the guidance scales of Part 2's sweep
-BOX = (70, 36, 700, 370)  # the loss plot's axes: left, top, right, bottom in 720 x 420 pixels
-
+PLOT = (720, 420)  # the loss plot's size in pixels
+BOX = (70, 36, 700, 370)  # its axes: left, top, right, bottom
 def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
     """Tile images (N, 1, 28, 28) in [0, 1] into rows of nrow, upscaled, with a title and labels."""
     if not x.isfinite().all():  # NaN or inf: a model gone wrong
@@ -336,7 +341,6 @@ def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
     for i, s in enumerate(rows):  # left of each row, halfway down
         draw.text((4, top + i * cell + cell // 2), s, 0)
     return canvas
-
 def loss_plot(losses, args, epochs):
     """The loss per step, a centred moving average over 2% of the run, on a log scale in BOX."""
     k = len(losses) // 100 + 1  # the average spans k steps on each side
@@ -345,24 +349,25 @@ def loss_plot(losses, args, epochs):
     y = avg[0].log10()
     lo = y.min().item() - 0.05  # a margin of 0.05 decades: a flat loss still has a scale
     hi = y.max().item() + 0.05
-    px = torch.stack([torch.linspace(70, 700, len(y)), 370 - 334 * (y - lo) / (hi - lo)], 1)
-    img = Image.new("L", (720, 420), 255)
+    left, top, right, bottom = BOX
+    height = bottom - (bottom - top) * (y - lo) / (hi - lo)  # (n + 1,): lo at the bottom
+    px = torch.stack([torch.linspace(left, right, len(y)), height], 1)  # (n + 1, 2): x, y
+    img = Image.new("L", PLOT, 255)
     d = ImageDraw.Draw(img)
     d.rectangle(BOX, outline=160)
-    d.line(px.flatten().tolist(), 0, 2)  # (n + 1, 2) pixels: x, y of each step
-    d.text((70, 10), f"Part {args.part} loss, D={args.hidden}, lr {args.lr:g}; log scale from "
-                     f"{10 ** lo:.3g} (bottom) to {10 ** hi:.3g} (top)", 0)
-    d.text((70, 380), f"epochs 0 to {epochs}, left to right ({len(losses) // epochs} steps of "
-                      f"{args.batch_size} each)", 0)
+    d.line(px.flatten().tolist(), 0, 2)
+    d.text((left, 10), f"Part {args.part} loss, D={args.hidden}, lr {args.lr:g}; log scale from "
+                       f"{10 ** lo:.3g} (bottom) to {10 ** hi:.3g} (top)", 0)
+    d.text((left, bottom + 10), f"epochs 0 to {epochs}, left to right ({len(losses) // epochs} "
+                                f"steps of {args.batch_size} each)", 0)
     return img
-
 def save(args, files, show=False):
     """Write {name: checkpoint, picture or GIF frames} by way of name.tmp; show: in a notebook."""
     paths = []
     for name, obj in files.items():
         path = os.path.join(args.out_dir, name)
         paths.append(path)
-        data = io.BytesIO()
+        data = io.BytesIO()  # written by Python: a full disk is an OSError, not torch's own
         if name.endswith(".pt"):
             torch.save(obj, data)
         else:  # a GIF's frames 100 ms each, the last held 2.5 s
@@ -380,7 +385,6 @@ def save(args, files, show=False):
             import IPython.display
             IPython.display.display(IPython.display.Image(filename=path))
     return paths
-
 @torch.no_grad()
 def part1_pictures(net, test_x, args, epoch, final):
     """Part 1's test digits clean, noisy, denoised; after the last epoch, at every sigma too."""
@@ -399,15 +403,16 @@ def part1_pictures(net, test_x, args, epoch, final):
         title = f"Part 1 out of distribution: the denoiser trained at sigma {args.sigma}"
         out["part1_ood.png"] = grid(ood.flatten(0, 2), 7, title, labels, ["noisy", "denoised"] * 4)
     return out
-
 def part2_pictures(run, args, name, final, digits="0123456789"):
     """part2_{name}.png: 4 samples of each digit, a column each; final: the sweep and the GIF."""
     c = torch.tensor(list(map(int, digits)), device=args.device).repeat(4)  # (4K,)
-    x, caches = run.sample(run.model, c, args.guidance_scale)
+    with run.autocast:  # sampling in --precision too
+        x, caches = run.method.sample(run.model, c, args.guidance_scale)
+        if final:
+            xs = torch.cat([run.method.sample(run.model, c[:20], g)[0] for g in GAMMAS])
     title = f"Part 2 {name}, gamma {args.guidance_scale:g}"
     out = {f"part2_{name}.png": grid(x, len(digits), title, digits)}
-    if final:
-        xs = torch.cat([run.sample(run.model, c[:20], g)[0] for g in GAMMAS])  # (20G, 1, H, W)
+    if final:  # xs: (20 G, 1, H, W), 2 rows of each gamma
         labels = [s for g in GAMMAS for s in (f"gamma={g}", "")]  # 2 rows each
         out["part2_guidance.png"] = grid(xs, 10, "Part 2: CFG scale, same seed", digits, labels)
         out["part2_sampling.gif"] = [grid(f[:20], 10, title, digits, scale=2).quantize(16)
@@ -415,20 +420,19 @@ def part2_pictures(run, args, name, final, digits="0123456789"):
     return out
 
 # --------------------------------------------------------------------------- command line
-COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, method="ddpm",
-              precision="auto")  # the flags that are the spec's, or measured: docs/results.md
-DEFAULTS = {1: dict(COMMON, epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0),  # per part
-            2: dict(COMMON, epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1),
-            "ddpm": dict(guidance_scale=5.0), "flow": dict(guidance_scale=3.0, sample_steps=50)}
-
-def default_precision(device, capability=None, cpuinfo="/proc/cpuinfo", method="flow"):
-    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 for flow on CPUs
-    that multiply it natively (avx512_bf16 or amx_bf16; DDPM lost quality there: docs); fp32."""
-    if device == "cuda" and (capability or torch.cuda.get_device_capability())[0] < 8:
+CPUINFO = "/proc/cpuinfo"  # its flags say whether the CPU multiplies bf16 natively
+def default_precision(device, method):
+    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 on CPUs that
+    multiply it natively, for a method that keeps its quality in it; else fp32."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
         return "fp16"
-    flags = open(cpuinfo).read() if device == "cpu" and os.path.exists(cpuinfo) else ""
-    return "bf16" if method == "flow" and re.search("avx512_bf16|amx_bf16", flags) else "fp32"
-
+    cpuinfo = pathlib.Path(CPUINFO)  # Linux's; elsewhere bf16 is taken as emulated,
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""  # 20 times slower than fp32 here
+    native = re.search("avx512_bf16|amx_bf16", flags) is not None
+    return "bf16" if device == "cpu" and method.bf16_on_cpu and native else "fp32"
+def usage_error(message, prog="ddpm_mnist.py"):  # a bad value: one line, exit status 2
+    sys.stderr.write(f"{prog}: error: {message} (see --help)\n")
+    raise SystemExit(2)
 def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [lo, hi]
     def parse(text):
         with contextlib.suppress(ValueError):
@@ -436,29 +440,24 @@ def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [l
                 return v
         raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__} in [{lo}, {hi}]")
     return parse
-
 def get_args(argv=None, prog="ddpm_mnist.py"):
-    """Parse a list of flags as on the command line (None: none, never a kernel's argv)."""
+    """Flags as on the command line, a list (None: none, never a kernel's argv); unset: None."""
     p = argparse.ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
-    p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")  # one line
-    devices = (["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
-               + ["cpu"])  # those available, the first the default
+    gpus = [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())]
+    devices = [d for d, here in gpus if here] + ["cpu"]  # those available, the first the default
     count = number(int, 1)
-
     def add(flag, help, **kw):  # each help states the default
         g.add_argument(flag, help=help, **kw)
-
+    p.error = functools.partial(usage_error, prog=prog)
     g = p.add_argument_group("run")
     add("--part", "1: one-step denoiser, 2: DDPM (default: 1)", default=1, type=int, choices=[1, 2])
     add("--epochs", "training epochs (default: 5 or 20 by part)", type=count)
     add("--batch-size", "batch size (default: 256 or 128 by part)", type=count)
     add("--lr", "Adam's lr (default: 1e-4 or 1e-3 by part)", type=number(float, 1e-12, 1e3))
     add("--hidden", "UNet width D (default: 128)", type=count)
-    add("--seed", "random seed (default: 0)", default=0, type=number(int, 0, 2 ** 32 - 1))
-    add("--device", f"cuda, mps or cpu (default: {devices[0]})", default=devices[0],
-        choices=devices)
-    add("--precision", "auto: fp16 on CUDA GPUs before compute capability 8.0, bf16 for flow on "
-        "CPUs that have it, else fp32 (default: auto)", choices=["auto", "fp32", "fp16", "bf16"])
+    add("--seed", "random seed, kept with the run (default: 0)", type=number(int, 0, 2 ** 32 - 1))
+    add("--device", f"of those here (default: {devices[0]})", default=devices[0], choices=devices)
+    add("--precision", "auto: default_precision()'s (default: auto)", choices=["auto", *AUTOCAST])
     add("--data-dir", "MNIST's root (default: data)", default="data", type=os.path.expanduser)
     add("--out-dir", "where a run writes (default: out)", default="out", type=os.path.expanduser)
     add("--limit", "train on the first N images (default: 60000, all)", type=count)
@@ -469,39 +468,35 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     g = p.add_argument_group("part 2")
     add("--num-ts", "diffusion steps T (default: 300)", type=count)
     add("--p-uncond", "class dropout probability (default: 0.1)", type=number(float, 0, 1))
-    add("--method", "ddpm, or flow: rectified flow (default: ddpm)", choices=["ddpm", "flow"])
+    add("--method", f"one of METHODS: {', '.join(METHODS)} (default: ddpm)", choices=METHODS)
     add("--digits", "draw 4 samples of each of these digits, such as 2026")
-    add("--guidance-scale", "CFG gamma (default: 5; flow: 3)", type=number(float, -1e6, 1e6))
-    add("--sample-steps", "K of the T steps, or K Euler steps (default: T; flow: 50)", type=count)
-    args = p.parse_args(argv or [])  # what is not given stays None: build() fills it in
+    add("--guidance-scale", "CFG gamma, as =-1e3 if < 0 (default: 5; flow: 3)",
+        type=number(float, -1e6, 1e6))
+    add("--sample-steps", "K of T steps, K divides T; or K Euler steps (default: T; flow: 50)",
+        type=count)
+    args = p.parse_args(argv or [])
     if args.digits is not None and (args.part == 1 or not re.fullmatch("[0-9]{1,40}", args.digits)):
         p.error(f"argument --digits: {args.digits!r} is not 1 to 40 digits, or not --part 2")
     return args
-
 def new_dirs(path):  # the folders that os.makedirs(path) would make, deepest first
     path = os.path.abspath(path)
     return [] if os.path.exists(path) else [path] + new_dirs(os.path.dirname(path))
-
 def remove_empty(folders):
     for folder in folders:  # deepest first; a folder that holds anything stays
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
-def fault(e, args):
-    """The one line for what the world threw at a run: what happened, what the checkpoint on disk
-    holds (read from it) and what to do next. Anything else is a bug and keeps its traceback."""
-    memory = isinstance(e, MemoryError) or "memory" in str(e)  # CUDA's, the CPU's, the OS's words
-    if not (memory or isinstance(e, (OSError, FloatingPointError, KeyboardInterrupt))):
-        raise e
-    e.__traceback__ = None  # its frames' tensors freed: the checkpoint may need that memory
-    try:
-        path = os.path.join(args.out_dir, f"part{args.part}.pt")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+MEMORY = (MemoryError, torch.OutOfMemoryError)  # out of memory, known by its types
+FAULTS = (*MEMORY, OSError, FloatingPointError, KeyboardInterrupt)  # what the world throws
+def fault(e, cli):
+    """The one line for a fault: what happened, what the checkpoint holds, what to do next."""
+    path = os.path.join(cli.out_dir, f"part{cli.part}.pt")
+    saved = f"{path} is unreadable: " if os.path.exists(path) else "no checkpoint saved: "
+    again = "run again"
+    with contextlib.suppress(Exception):  # mmap: little memory, which may be what ran out
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         saved = f"{path} holds epoch {ckpt['epoch']} of {ckpt['args']['epochs']}: "
         again = "--resume continues"
-    except Exception:  # none, not ours, or no flags parsed yet
-        saved, again = "no checkpoint saved: ", "run again"
-    if memory:  # with more memory free, or a smaller run
+    if isinstance(e, MEMORY):  # with more memory free, or a smaller run
         return (f"error: out of memory; {saved}free some, then {again}; or start anew with a lower "
                 "--batch-size or --hidden")
     if isinstance(e, FloatingPointError):  # and diverge again
@@ -509,62 +504,116 @@ def fault(e, args):
     if isinstance(e, OSError):
         return f"error: {e}; {saved}fix that, then {again}"
     return f"interrupted; {saved}{again}"
-
-def run(args):
-    """One run alone in --out-dir: made if missing, locked while the process lives (a crash or a
-    lost Colab runtime leaves no lock), removed again if the run left nothing in it."""
-    made = new_dirs(args.out_dir)
-    os.makedirs(args.out_dir, exist_ok=True)
-    lock = open(os.path.join(args.out_dir, f"part{args.part}.lock"), "ab", buffering=0)
+def interrupt(signum, frame):  # SIGTERM and SIGHUP: what docker, Slurm, timeout and nohup send
+    raise KeyboardInterrupt
+@contextlib.contextmanager
+def one_line_faults(cli):
+    """Each of FAULTS ends a command with fault()'s line; any other error is a bug: traceback."""
+    # SIGTERM and SIGHUP stop it as Ctrl-C does, until it returns.
+    signals = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    handlers = [signal.signal(s, interrupt) for s in signals]
+    try:
+        yield
+    except FAULTS as e:
+        e.__traceback__ = None  # its frames' tensors freed: reading the checkpoint needs memory
+        line = "interrupted"  # if Ctrl-C comes again while the checkpoint is read
+        with contextlib.suppress(KeyboardInterrupt):
+            line = fault(e, cli)
+        sys.exit(line)
+    finally:
+        for s, handler in zip(signals, handlers):
+            signal.signal(s, handler)
+@contextlib.contextmanager
+def locked(cli):
+    """--out-dir for this run alone, made if missing, and removed if it saved nothing there."""
+    # A second run of the part is refused while this process lives: the OS drops the lock then.
+    made = new_dirs(cli.out_dir)
+    os.makedirs(cli.out_dir, exist_ok=True)
+    path = os.path.join(cli.out_dir, f"part{cli.part}.lock")
+    lock = open(path, "ab", buffering=0)
     try:
         if os.name == "posix":  # Windows has no such lock
             import fcntl
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if held
-    except BlockingIOError:
-        sys.exit(f"error: a run of Part {args.part} is writing into {args.out_dir}: let it "
-                 "finish, or choose another --out-dir")
+        if not os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):  # a lock file removed
+            raise BlockingIOError  # by a run that has just ended, and made anew by another
+    except (BlockingIOError, FileNotFoundError):
+        lock.close()
+        sys.exit(f"error: a run of Part {cli.part} is writing into {cli.out_dir}: let it finish, "
+                 "or choose another --out-dir")
     try:
         lock.write(b"a run is writing here\n")  # a folder that cannot be written fails here
-        return train_and_draw(args)
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while locked: no other run can hold the file removed
         lock.close()
-        os.remove(lock.name)
         remove_empty(made)
-
-def train_and_draw(args):
+def not_a_checkpoint(path, part, e):
+    sys.exit(f"error: {path} is not a Part {part} checkpoint of this script ({type(e).__name__})")
+def open_run(cli):
+    """(args, run, checkpoint) of a new run, or of the one in --out-dir to resume or sample."""
+    path = os.path.join(cli.out_dir, f"part{cli.part}.pt")
+    found = os.path.exists(path)
+    if found and not (cli.resume or cli.sample_only):  # never overwrite a run
+        sys.exit(f"error: {path} holds a run: --resume continues it; to start over, delete it or "
+                 "choose another --out-dir")
+    if not found and (cli.resume or cli.sample_only):  # nor invent one
+        sys.exit(f"error: no checkpoint at {path} to resume or sample from: check --part and "
+                 "--out-dir")
+    if not found:
+        args = settle(cli)
+        return args, build(args), dict(epoch=0, losses=[])
+    try:  # torch.load checks the file: a torn or foreign one raises
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if {"epoch", "losses", "args", "rng", *STATES} - ckpt.keys():
+            raise KeyError("not all that this script saves")
+    except Exception as e:
+        if isinstance(e, MEMORY) or isinstance(e, OSError) and e.filename:  # not the file's fault
+            raise
+        not_a_checkpoint(path, cli.part, e)
+    args = settle(cli, ckpt["args"])
+    run = build(args)
+    ours = {k: run.optimizer.defaults[k] for k in ("fused", "foreach")}  # as this device wants
+    try:  # load_state_dict checks names and shapes: a foreign checkpoint raises
+        groups = ckpt["optimizer"]["param_groups"]
+        ckpt["optimizer"]["param_groups"] = [{**g, **ours} for g in groups]
+        for k in STATES:  # an fp32 run's loss scale is empty: an fp16 scaler keeps its own
+            if ckpt[k] or k != "scaler":
+                vars(run)[k].load_state_dict(ckpt[k])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        not_a_checkpoint(path, cli.part, e)
+    torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])  # GPUs here
+    if "mps" in ckpt["rng"] and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(ckpt["rng"]["mps"])
+    return args, run, ckpt
+def train_and_draw(cli):
     """Train, resume or draw the final pictures in a locked --out-dir; returns the files written."""
-    ckpt_path = os.path.join(args.out_dir, f"part{args.part}.pt")
-    found = os.path.exists(ckpt_path)
-    if found != (args.resume or args.sample_only):  # never overwrite a run, nor invent one
-        sys.exit(f"error: {ckpt_path} holds a run: --resume continues it; to start over, delete it"
-                 " or choose another --out-dir" if found else f"error: no checkpoint at {ckpt_path}"
-                 " to resume or sample from: check --part and --out-dir")
-    run, ckpt = restore(args, ckpt_path) if found else (build(args), dict(epoch=0, losses=[]))
+    args, run, ckpt = open_run(cli)
     start, losses = ckpt["epoch"] + 1, ckpt["losses"]
     print(f"part {args.part} on {args.device}, {args.precision} | D={args.hidden}, epochs "
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
-    if args.device == "cpu":  # why this precision, whichever it is
-        native = default_precision("cpu") == "bf16"
-        print("note: this CPU has native bf16, not fp16: auto trains flow in bf16, DDPM in fp32"
-              if native else "note: this CPU emulates bf16 and fp16: fp32 trains fastest")
-    if args.resume:  # in the command line's precision, which may not be the run's
-        print(f"resumed from {ckpt_path} after epoch {start - 1}, trained in "
-              f"{ckpt['args']['precision']}; " + (
-            f"the lr decays over all {args.epochs} epochs" if start <= args.epochs else
-            "the run is finished (a larger --epochs trains on)"))
+    if args.resume and not args.sample_only:  # the command line's precision may not be the run's
+        print(f"resumed after epoch {start - 1} of {args.epochs}, trained in "
+              f"{ckpt['args']['precision']}; a larger --epochs trains on, the lr decaying over all")
     test_x = load_mnist(args.data_dir, False, args.device)[0] if args.part == 1 else None
     t0 = time.time()
     files = []
     def pictures(epoch, final):  # the loss plot, then the epoch's pictures
         out = {f"part{args.part}_loss.png": loss_plot(losses, args, epoch)}
         if epoch in (1, 5, 10, 15, 20) or final:
-            out.update(part1_pictures(run.model, test_x, args, epoch, final) if args.part == 1
-                       else part2_pictures(run, args, f"samples_epoch{epoch:02d}", final))
+            if args.part == 1:
+                out.update(part1_pictures(run.model, test_x, args, epoch, final))
+            else:
+                out.update(part2_pictures(run, args, f"samples_epoch{epoch:02d}", final))
         return out
-    if start > args.epochs or args.sample_only:  # trained: the final pictures again
+    if args.sample_only or start > args.epochs:  # trained: the final pictures again
         if not (args.sample_only and args.digits):
             files += save(args, pictures(start - 1, True), show=True)
     else:
+        if start > 1:  # an interrupt may have cut the pictures of the epoch saved last
+            files += save(args, pictures(start - 1, False))
         x, y = load_mnist(args.data_dir, True, args.device, args.limit)
         for ckpt in train(args, run, x, y, start, losses):
             final = ckpt["epoch"] == args.epochs
@@ -575,26 +624,13 @@ def train_and_draw(args):
                       show=True)
     print(f"done in {time.time() - t0:.1f} s; pictures in {args.out_dir}: {len(set(files))}")
     return sorted(set(files))
-
 def main(argv=None):
     """Run flags given as on the command line, a list of strings; returns the pictures written."""
     if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         sys.exit(f"error: main() takes a list of strings such as ['--part', '2'], not {argv!r}")
-    args = None
-    try:
-        args = get_args(argv)
-        if args.device == "cpu" and os.name == "posix":  # memory capped at the machine's, so a
-            import resource  # run too large raises rather than being killed, notebook kernel too
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if resource.getrlimit(resource.RLIMIT_DATA)[0] == resource.RLIM_INFINITY:  # or yours
-                resource.setrlimit(resource.RLIMIT_DATA, (ram, resource.RLIM_INFINITY))
-        return run(args)
-    except (Exception, KeyboardInterrupt) as e:  # not SystemExit: its line is written already
-        line = "interrupted"  # if Ctrl-C comes again while the checkpoint is read
-        with contextlib.suppress(KeyboardInterrupt):
-            line = fault(e, args)
-        sys.exit(line)
-
+    cli = get_args(argv)
+    with one_line_faults(cli), locked(cli):
+        return train_and_draw(cli)
 
 if __name__ == "__main__" and "__file__" in globals():  # a shell or %run; not a pasted cell
     main(sys.argv[1:])

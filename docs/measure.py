@@ -10,7 +10,6 @@ scales it judges; every other flag is ddpm_mnist.py's (--sample-steps, --precisi
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -75,7 +74,7 @@ def write(path, text):
 
 def frechet_distance(f1, f2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of feature sets (N1, F), (N2, F)."""
-    f1, f2 = f1.double().cpu(), f2.double().cpu()
+    f1, f2 = f1.cpu().double(), f2.cpu().double()  # on the CPU first: MPS has no float64
     if not (f1.isfinite().all() and f2.isfinite().all()):
         return math.nan  # not finite; oneMKL's eigvals would crash the process on NaN
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # (F, F)
@@ -94,8 +93,11 @@ def evaluate_part2(run, args, gammas, test, n):
     print(f"judge's test accuracy {clf_acc:.2%}\n"
           f"{'samples':>12} | accuracy | frechet | not finite | per digit")
     for name, gamma in [("real", None)] + [(f"gamma={g:g}", g) for g in gammas]:
-        x, y = (test_x[real], test_y[real]) if gamma is None else (
-            run.sample(run.model, c, gamma)[0], c)
+        if gamma is None:
+            x, y = test_x[real], test_y[real]
+        else:
+            with run.autocast:
+                x, y = run.method.sample(run.model, c, gamma)[0], c
         f = features(x)  # the judge sees x clamped to [0, 1]: +-inf would pass as 1 or 0
         finite = x.flatten(1).isfinite().all(1)  # (N, 784) -> (N,): no NaN or inf pixel
         hit = ((clf[-1](f).argmax(1) == y) & finite).float()  # (N,): 1 where the judge reads y
@@ -129,13 +131,14 @@ def evaluate_part1(net, args, test_x):
 
 def benchmark(args):
     """20 training steps on random data after 3 warm-up steps, and what they imply for a run."""
-    run = dm.build(args)
+    run = dm.build(args)  # args settled: dm.settle(cli)
     x = torch.rand(args.batch_size, 1, 28, 28, device=args.device)
     y = (10 * x[:, 0, 0, 0]).long()  # labels 0-9
 
     def steps(k):  # ddpm_mnist.py's training step, k times; .item() waits for the device
         for _ in range(k):
-            loss = run.loss(run.model, x, y)
+            with run.autocast:
+                loss = run.method.loss(run.model, x, y)
             run.optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(run.optimizer)
@@ -160,17 +163,14 @@ def benchmark(args):
     return out
 
 
-def measure(own, args):
-    """--eval or --benchmark with ddpm_mnist.py's parsed flags args."""
+def measure(own, cli):
+    """--eval or --benchmark with ddpm_mnist.py's parsed flags cli."""
     if own.benchmark:
-        return benchmark(args)
-    path = os.path.join(args.out_dir, f"part{args.part}.pt")
-    if not os.path.exists(path):
-        sys.exit(f"error: no checkpoint at {path} to measure: check --part and --out-dir")
-    probe = os.path.join(args.out_dir, "measure.probe")  # a folder that cannot be written fails
+        return benchmark(dm.settle(cli))
+    args, run, _ = dm.open_run(cli)  # the checkpoint's flags and weights, as --sample-only
+    probe = os.path.join(cli.out_dir, "measure.probe")  # a folder that cannot be written fails
     write(probe, "")  # here, before the judge trains
     os.remove(probe)
-    run, _ = dm.restore(args, path)
     test = dm.load_mnist(args.data_dir, False, args.device)
     if args.part == 1:
         return evaluate_part1(run.model, args, test[0])
@@ -197,18 +197,9 @@ def main(argv=None):
     own, rest = p.parse_known_args(argv)
     if bool(own.eval) == own.benchmark:
         p.error("give one of --eval [N] or --benchmark")
-    args = None
-    try:
-        args = dm.get_args(rest + (["--sample-only"] if own.eval else []), prog)
-        if args.device == "cpu" and os.name == "posix":  # as ddpm_mnist.main() caps memory
-            import resource
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-            with contextlib.suppress(ValueError):
-                resource.setrlimit(resource.RLIMIT_DATA, (ram, hard))
-        return measure(own, args)
-    except (Exception, KeyboardInterrupt) as e:  # one line, as in ddpm_mnist.py, less its advice
-        sys.exit(dm.fault(e, args).split("; ")[0])  # on resuming: nothing here to resume
+    cli = dm.get_args(rest + (["--sample-only"] if own.eval else []), prog)
+    with dm.one_line_faults(cli):  # faults in one line, as ddpm_mnist.py reports them
+        return measure(own, cli)
 
 
 if __name__ == "__main__":
