@@ -3,13 +3,15 @@
 Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-conditioned DDPM (arXiv
 2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598), with the spec's
 sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rectified flow instead.
+
     pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
-In a notebook, paste this file into a cell, then main(["--part", "2"]); or %run ddpm_mnist.py
---part 2. On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25)
-and Part 2 about 2 minutes (every digit of the final grid of the class asked for); a Colab T4 trains
-in fp16. On 2 CPU cores try --part 2 --hidden 32 --epochs 2 first: 8 minutes (flow in bf16: 4).
+
+In a notebook, paste this file into a cell, then main(["--part", "2"]). On one NVIDIA H200 Part 1
+takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25) and Part 2 about 2 minutes (every
+digit of the final grid of the class asked for). On 2 CPU cores try --part 2 --hidden 32 --epochs 2
+first: 8 minutes.
 """
 
 import argparse
@@ -31,7 +33,6 @@ import torchvision
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
-
 # --------------------------------------------------------------------------- Part 1: the UNet
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
     return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
@@ -71,7 +72,6 @@ class UnconditionalUNet(nn.Module):
 def denoise_loss(unet, x, sigma):
     """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
     return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
-
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
 def FCBlock(fin, fout):  # (N, Fin) -> (N, Fout)
     return nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
@@ -147,7 +147,6 @@ def ddpm_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0):
             mean = (x_t - (1 - a) / math.sqrt(1 - abar) * eps) / math.sqrt(a)
             x_t = mean + math.sqrt(s["beta_tildes"][t - 1]) * z  # sigma_t = sqrt(beta_tilde_t)
     return x_t, caches
-
 # --------------------------------------------------------------------------- beyond the spec
 def strided_sample(unet, c, img_wh, schedule, num_ts, guidance_scale=5.0, seed=0, steps=50):
     """Algorithm 2 on every (T/K)-th step, t_k = k T/K (K must divide T): ddpm_sample with alpha_k =
@@ -176,20 +175,18 @@ def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
                 caches.append(x)
             x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
     return x, caches
-
 # --------------------------------------------------------------------------- methods
-# A method is one object, as in minRF: its defaults, its loss and its sampler, built from the
-# settled flags. METHODS gives --method its choices: a third method is a class and a line there.
-class Method:
+# A method is one object, as in minRF: its defaults, loss and sampler, built from the settled
+# flags. METHODS gives --method its choices: a third method is a class and a line there.
+class Denoiser:
+    """Part 1: the one-step denoiser at noise level --sigma; the spec's defaults."""
+    defaults = dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0)
     bf16_on_cpu = False  # auto's choice on CPUs that multiply bf16 natively: docs/results.md
     def __init__(self, args):
         self.args = args
-class Denoiser(Method):
-    """Part 1: the one-step denoiser at noise level --sigma; the spec's defaults."""
-    defaults = dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0)
     def loss(self, net, x, c):
         return denoise_loss(net, x, self.args.sigma)
-class DDPM(Method):
+class DDPM(Denoiser):  # a denoiser of every noise level
     """Part 2, the spec: eps on the linear schedule, sampled on all T steps or on K of them."""
     defaults = dict(epochs=20, batch_size=128, lr=1e-3, lr_decay=0.1, guidance_scale=5.0,
                     sample_steps=None)  # the lr and its decay were measured: docs/results.md
@@ -206,7 +203,7 @@ class DDPM(Method):
         if K is None or K == T:  # Algorithm 2
             return ddpm_sample(net, c, (28, 28), self.schedule, T, gamma, seed)
         return strided_sample(net, c, (28, 28), self.schedule, T, gamma, seed, K)
-class Flow(Method):
+class Flow(Denoiser):
     """Rectified flow: the same UNet learns a velocity, sampled by K Euler steps."""
     defaults = dict(DDPM.defaults, guidance_scale=3.0, sample_steps=50)
     bf16_on_cpu = True  # it scored as in fp32 and trained 1.65x faster: docs/results.md
@@ -217,7 +214,6 @@ class Flow(Method):
 METHODS = {"ddpm": DDPM, "flow": Flow}  # Part 2's --method
 def method_of(flags):  # Part 1's, or the --method of Part 2
     return Denoiser if flags["part"] == 1 else METHODS[flags["method"]]
-
 # --------------------------------------------------------------------------- training
 def load_mnist(root, train, device, limit=None):
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
@@ -231,9 +227,8 @@ def load_mnist(root, train, device, limit=None):
         if isinstance(e, MEMORY):
             raise
         sys.exit(f"error: cannot load MNIST from {root}/MNIST/raw ({type(e).__name__}): offline, "
-                 "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                 "t10k-labels-idx1-ubyte there, or pass --data-dir; a damaged file: delete it to "
-                 "download it again")
+                 "put train-images-idx3-ubyte, train-labels-idx1-ubyte and the two t10k- files "
+                 "there, or pass --data-dir; a damaged file: delete it to download it again")
     finally:
         remove_empty(new)  # a failed or interrupted download leaves no empty folders
     return (x[:limit, None].float() / 255).to(device), y[:limit].to(device)  # (N, 1, 28, 28)
@@ -261,8 +256,7 @@ AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --pr
 def build(args):
     """The run of the settled flags: model, method, optimizer, loss scaler, autocast."""
     torch.manual_seed(args.seed)
-    D = args.hidden
-    model = UnconditionalUNet(1, D) if args.part == 1 else ConditionalUNet(1, 10, D)
+    model = UnconditionalUNet(1, args.hidden) if args.part == 1 else ConditionalUNet(1, 10, args.hidden)
     layout = torch.contiguous_format if args.device == "mps" else torch.channels_last
     model = model.to(args.device, memory_format=layout)  # channels_last: faster where measured
     return argparse.Namespace(
@@ -315,7 +309,6 @@ def train(args, run, x, y, start, losses):
             rng["mps"] = torch.mps.get_rng_state()
         yield dict(epoch=epoch, losses=losses, args=vars(args), rng=rng,
                    **{k: vars(run)[k].state_dict() for k in STATES})
-
 # --------------------------------------------------------------------------- pictures
 SCALE, PAD = 3, 2  # each 28 px digit drawn 3x larger, 2 px gutters between digits
 SIGMAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]  # the noise levels of Part 1's pictures
@@ -363,10 +356,8 @@ def loss_plot(losses, args, epochs):
     return img
 def save(args, files, show=False):
     """Write {name: checkpoint, picture or GIF frames} by way of name.tmp; show: in a notebook."""
-    paths = []
     for name, obj in files.items():
         path = os.path.join(args.out_dir, name)
-        paths.append(path)
         data = io.BytesIO()  # written by Python: a full disk is an OSError, not torch's own
         if name.endswith(".pt"):
             torch.save(obj, data)
@@ -384,12 +375,12 @@ def save(args, files, show=False):
         if show and "ipykernel" in sys.modules:
             import IPython.display
             IPython.display.display(IPython.display.Image(filename=path))
-    return paths
+    return [os.path.join(args.out_dir, name) for name in files]
 @torch.no_grad()
-def part1_pictures(net, test_x, args, epoch, final):
+def part1_pictures(run, args, epoch, final):
     """Part 1's test digits clean, noisy, denoised; after the last epoch, at every sigma too."""
-    net.eval()
-    x = test_x[:10]  # (10, 1, 28, 28)
+    net = run.model.eval()
+    x = load_mnist(args.data_dir, False, args.device)[0][:10]  # (10, 1, 28, 28)
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed)).to(x.device)
     z = x + args.sigma * eps
     title = f"Part 1 after epoch {epoch}: test digits, sigma {args.sigma}"
@@ -403,8 +394,11 @@ def part1_pictures(net, test_x, args, epoch, final):
         title = f"Part 1 out of distribution: the denoiser trained at sigma {args.sigma}"
         out["part1_ood.png"] = grid(ood.flatten(0, 2), 7, title, labels, ["noisy", "denoised"] * 4)
     return out
-def part2_pictures(run, args, name, final, digits="0123456789"):
-    """part2_{name}.png: 4 samples of each digit, a column each; final: the sweep and the GIF."""
+def part2_pictures(run, args, epoch, final, digits=None):
+    """4 samples of each digit, a column each, after an epoch or of the --digits; final: the
+    guidance sweep and the GIF too."""
+    name = f"digits_{digits}" if digits else f"samples_epoch{epoch:02d}"
+    digits = digits or "0123456789"
     c = torch.tensor(list(map(int, digits)), device=args.device).repeat(4)  # (4K,)
     with run.autocast:  # sampling in --precision too
         x, caches = run.method.sample(run.model, c, args.guidance_scale)
@@ -418,7 +412,6 @@ def part2_pictures(run, args, name, final, digits="0123456789"):
         out["part2_sampling.gif"] = [grid(f[:20], 10, title, digits, scale=2).quantize(16)
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
-
 # --------------------------------------------------------------------------- command line
 CPUINFO = "/proc/cpuinfo"  # its flags say whether the CPU multiplies bf16 natively
 def default_precision(device, method):
@@ -457,7 +450,8 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     add("--hidden", "UNet width D (default: 128)", type=count)
     add("--seed", "random seed, kept with the run (default: 0)", type=number(int, 0, 2 ** 32 - 1))
     add("--device", f"of those here (default: {devices[0]})", default=devices[0], choices=devices)
-    add("--precision", "auto: default_precision()'s (default: auto)", choices=["auto", *AUTOCAST])
+    add("--precision", "auto: fp16 on GPUs before Ampere, bf16 for flow on CPUs with native bf16, "
+        "else fp32 (default: auto)", choices=["auto", *AUTOCAST])
     add("--data-dir", "MNIST's root (default: data)", default="data", type=os.path.expanduser)
     add("--out-dir", "where a run writes (default: out)", default="out", type=os.path.expanduser)
     add("--limit", "train on the first N images (default: 60000, all)", type=count)
@@ -487,6 +481,7 @@ def remove_empty(folders):
             os.rmdir(folder)
 MEMORY = (MemoryError, torch.OutOfMemoryError)  # out of memory, known by its types
 FAULTS = (*MEMORY, OSError, FloatingPointError, KeyboardInterrupt)  # what the world throws
+SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]  # as Ctrl-C
 def fault(e, cli):
     """The one line for a fault: what happened, what the checkpoint holds, what to do next."""
     path = os.path.join(cli.out_dir, f"part{cli.part}.pt")
@@ -504,14 +499,10 @@ def fault(e, cli):
     if isinstance(e, OSError):
         return f"error: {e}; {saved}fix that, then {again}"
     return f"interrupted; {saved}{again}"
-def interrupt(signum, frame):  # SIGTERM and SIGHUP: what docker, Slurm, timeout and nohup send
-    raise KeyboardInterrupt
 @contextlib.contextmanager
 def one_line_faults(cli):
     """Each of FAULTS ends a command with fault()'s line; any other error is a bug: traceback."""
-    # SIGTERM and SIGHUP stop it as Ctrl-C does, until it returns.
-    signals = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
-    handlers = [signal.signal(s, interrupt) for s in signals]
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}  # Ctrl-C's
     try:
         yield
     except FAULTS as e:
@@ -521,7 +512,7 @@ def one_line_faults(cli):
             line = fault(e, cli)
         sys.exit(line)
     finally:
-        for s, handler in zip(signals, handlers):
+        for s, handler in handlers.items():
             signal.signal(s, handler)
 @contextlib.contextmanager
 def locked(cli):
@@ -539,8 +530,7 @@ def locked(cli):
             raise BlockingIOError  # by a run that has just ended, and made anew by another
     except (BlockingIOError, FileNotFoundError):
         lock.close()
-        sys.exit(f"error: a run of Part {cli.part} is writing into {cli.out_dir}: let it finish, "
-                 "or choose another --out-dir")
+        sys.exit(f"error: a run of Part {cli.part} is writing into {cli.out_dir}: let it finish")
     try:
         lock.write(b"a run is writing here\n")  # a folder that cannot be written fails here
         yield
@@ -556,11 +546,10 @@ def open_run(cli):
     path = os.path.join(cli.out_dir, f"part{cli.part}.pt")
     found = os.path.exists(path)
     if found and not (cli.resume or cli.sample_only):  # never overwrite a run
-        sys.exit(f"error: {path} holds a run: --resume continues it; to start over, delete it or "
-                 "choose another --out-dir")
+        sys.exit(f"error: {path} holds a run: --resume continues it; to start anew, delete it "
+                 "or choose another --out-dir")
     if not found and (cli.resume or cli.sample_only):  # nor invent one
-        sys.exit(f"error: no checkpoint at {path} to resume or sample from: check --part and "
-                 "--out-dir")
+        sys.exit(f"error: no checkpoint at {path}: check --part and --out-dir")
     if not found:
         args = settle(cli)
         return args, build(args), dict(epoch=0, losses=[])
@@ -595,18 +584,15 @@ def train_and_draw(cli):
     print(f"part {args.part} on {args.device}, {args.precision} | D={args.hidden}, epochs "
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
     if args.resume and not args.sample_only:  # the command line's precision may not be the run's
-        print(f"resumed after epoch {start - 1} of {args.epochs}, trained in "
-              f"{ckpt['args']['precision']}; a larger --epochs trains on, the lr decaying over all")
-    test_x = load_mnist(args.data_dir, False, args.device)[0] if args.part == 1 else None
+        print(f"resumed after epoch {start - 1} of {args.epochs} (trained in "
+              f"{ckpt['args']['precision']}); a larger --epochs trains on, the lr decaying over all")
     t0 = time.time()
     files = []
     def pictures(epoch, final):  # the loss plot, then the epoch's pictures
         out = {f"part{args.part}_loss.png": loss_plot(losses, args, epoch)}
         if epoch in (1, 5, 10, 15, 20) or final:
-            if args.part == 1:
-                out.update(part1_pictures(run.model, test_x, args, epoch, final))
-            else:
-                out.update(part2_pictures(run, args, f"samples_epoch{epoch:02d}", final))
+            draw = part1_pictures if args.part == 1 else part2_pictures
+            out.update(draw(run, args, epoch, final))
         return out
     if args.sample_only or start > args.epochs:  # trained: the final pictures again
         if not (args.sample_only and args.digits):
@@ -620,8 +606,7 @@ def train_and_draw(cli):
             save(args, {f"part{args.part}.pt": ckpt})  # before the pictures
             files += save(args, pictures(ckpt["epoch"], final), show=final)
     if args.digits:
-        files += save(args, part2_pictures(run, args, f"digits_{args.digits}", False, args.digits),
-                      show=True)
+        files += save(args, part2_pictures(run, args, None, False, args.digits), show=True)
     print(f"done in {time.time() - t0:.1f} s; pictures in {args.out_dir}: {len(set(files))}")
     return sorted(set(files))
 def main(argv=None):

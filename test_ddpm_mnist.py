@@ -740,7 +740,7 @@ def test_open_run_never_overwrites_nor_invents_a_run(flags, copied, tmp_path):
     assert (run / "part1.pt").read_bytes() == before
     for flag in ("--resume", "--sample-only"):
         line = exits(flags(tmp_path / "typo", flag))
-        assert line.startswith(f"error: no checkpoint at {tmp_path / 'typo' / 'part1.pt'}")
+        assert line == f"error: no checkpoint at {tmp_path / 'typo' / 'part1.pt'}: check --part and --out-dir"
     assert not os.path.exists(tmp_path / "typo")
 
 
