@@ -4,14 +4,12 @@ Part 1 trains a UNet to denoise a digit in one step. Part 2 trains a class-condi
 2006.11239) and samples digits with classifier-free guidance (arXiv 2207.12598), with the spec's
 sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rectified flow instead.
 
-    pip install -r requirements.txt
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
 In a notebook, paste this file into a cell, then main(["--part", "2"]). On one NVIDIA H200 Part 1
-takes 25 s (test MSE 0.008 at sigma 0.5, the noisy input's 0.25) and Part 2 about 2 minutes (every
-digit of the final grid of the class asked for). On 2 CPU cores try --part 2 --hidden 32 --epochs 2
-first: 8 minutes.
+takes 25 s (test MSE 0.008 at sigma 0.5) and Part 2 2 minutes (every digit of the final grid of the
+class asked for). On 2 CPU cores try --part 2 --hidden 32 --epochs 2 first: about 8 minutes.
 """
 
 import argparse
@@ -73,8 +71,7 @@ def denoise_loss(unet, x, sigma):
     """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
     return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
-def FCBlock(fin, fout):  # (N, Fin) -> (N, Fout)
-    return nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
+FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
     def __init__(self, in_channels=1, num_classes=10, num_hiddens=128):
@@ -176,8 +173,7 @@ def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
             x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
     return x, caches
 # --------------------------------------------------------------------------- methods
-# A method is one object, as in minRF: its defaults, loss and sampler, built from the settled
-# flags. METHODS gives --method its choices: a third method is a class and a line there.
+# A method is one object (minRF's design); a third is a class and its line in METHODS.
 class Denoiser:
     """Part 1: the one-step denoiser at noise level --sigma; the spec's defaults."""
     defaults = dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0)
@@ -192,7 +188,7 @@ class DDPM(Denoiser):  # a denoiser of every noise level
                     sample_steps=None)  # the lr and its decay were measured: docs/results.md
     def __init__(self, args):
         super().__init__(args)
-        if args.num_ts % (args.sample_steps or args.num_ts):  # t_k = k T / K, as trained
+        if args.sample_steps and args.num_ts % args.sample_steps:  # t_k = k T / K, as trained
             usage_error(f"argument --sample-steps: {args.sample_steps} does not divide T")
         s = ddpm_schedule(1e-4, 0.02, args.num_ts)  # the spec's betas
         self.schedule = {k: v.to(args.device) for k, v in s.items()}
@@ -211,9 +207,7 @@ class Flow(Denoiser):
         return flow_forward(net, x, c, self.args.p_uncond)
     def sample(self, net, c, gamma):
         return flow_sample(net, c, (28, 28), self.args.sample_steps, gamma, self.args.seed)
-METHODS = {"ddpm": DDPM, "flow": Flow}  # Part 2's --method
-def method_of(flags):  # Part 1's, or the --method of Part 2
-    return Denoiser if flags["part"] == 1 else METHODS[flags["method"]]
+METHODS = {"ddpm": DDPM, "flow": Flow}  # Part 2's --method; Part 1's is the Denoiser
 # --------------------------------------------------------------------------- training
 def load_mnist(root, train, device, limit=None):
     """One MNIST split as device tensors: images (N, 1, 28, 28) in [0, 1] and labels (N,)."""
@@ -232,21 +226,19 @@ def load_mnist(root, train, device, limit=None):
     finally:
         remove_empty(new)  # a failed or interrupted download leaves no empty folders
     return (x[:limit, None].float() / 255).to(device), y[:limit].to(device)  # (N, 1, 28, 28)
-# The flags of one command; every other flag is a run's own: saved with it, and taken from its
-# checkpoint by --resume and --sample-only. So a new flag is one line in get_args().
+# A command's own flags; the others are a run's, taken from its checkpoint: a new one is one line.
 PER_COMMAND = ("part", "epochs", "device", "precision", "data_dir", "out_dir", "resume",
                "sample_only", "digits", "guidance_scale", "sample_steps")
 COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, seed=0,
               method="ddpm", precision="auto")  # the spec's, or measured: docs/results.md
-def settle(cli, saved=None):
-    """Each flag's value, once: a run's own from its checkpoint, else the command line's."""
-    # Then the checkpoint's --epochs, then the defaults of the method (of its part).
+def settle(cli, saved):
+    """Each flag's value: the checkpoint's run flags, the command line, its epochs, defaults."""
     given = {k: v for k, v in vars(cli).items() if v is not None}
-    own = {k: v for k, v in (saved or {}).items() if k in vars(cli) and k not in PER_COMMAND}
+    own = {k: v for k, v in saved.items() if k in vars(cli) and k not in PER_COMMAND}
     for k in own.keys() & given.keys():
         if own[k] != given[k]:
             print(f"the checkpoint has --{k.replace('_', '-')} {own[k]}: using it, not {given[k]}")
-    method = method_of({**COMMON, **given, **own})
+    method = Denoiser if cli.part == 1 else METHODS[{**COMMON, **given, **own}["method"]]
     epochs = {"epochs": saved["epochs"]} if saved else {}
     flags = {**vars(cli), **COMMON, **method.defaults, **epochs, **given, **own}
     if flags["precision"] == "auto":
@@ -256,11 +248,12 @@ AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --pr
 def build(args):
     """The run of the settled flags: model, method, optimizer, loss scaler, autocast."""
     torch.manual_seed(args.seed)
-    model = UnconditionalUNet(1, args.hidden) if args.part == 1 else ConditionalUNet(1, 10, args.hidden)
+    D = args.hidden
+    model = UnconditionalUNet(1, D) if args.part == 1 else ConditionalUNet(1, 10, D)
     layout = torch.contiguous_format if args.device == "mps" else torch.channels_last
     model = model.to(args.device, memory_format=layout)  # channels_last: faster where measured
     return argparse.Namespace(
-        model=model, method=method_of(vars(args))(args),
+        model=model, method=(Denoiser if args.part == 1 else METHODS[args.method])(args),
         optimizer=torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.device == "cuda"),
         scaler=torch.amp.GradScaler(args.device, enabled=args.precision == "fp16"),
         autocast=torch.autocast(args.device, dtype=AUTOCAST[args.precision],
@@ -366,12 +359,10 @@ def save(args, files, show=False):
             frames[0].save(data, name[-3:], save_all=True, append_images=frames[1:], loop=0,
                            duration=[100] * (len(frames) - 1) + [2500])
         try:
-            with open(path + ".tmp", "wb") as f:
-                f.write(data.getvalue())
+            pathlib.Path(path + ".tmp").write_bytes(data.getvalue())
             os.replace(path + ".tmp", path)
         finally:
-            with contextlib.suppress(OSError):
-                os.remove(path + ".tmp")
+            pathlib.Path(path + ".tmp").unlink(missing_ok=True)
         if show and "ipykernel" in sys.modules:
             import IPython.display
             IPython.display.display(IPython.display.Image(filename=path))
@@ -394,11 +385,9 @@ def part1_pictures(run, args, epoch, final):
         title = f"Part 1 out of distribution: the denoiser trained at sigma {args.sigma}"
         out["part1_ood.png"] = grid(ood.flatten(0, 2), 7, title, labels, ["noisy", "denoised"] * 4)
     return out
-def part2_pictures(run, args, epoch, final, digits=None):
-    """4 samples of each digit, a column each, after an epoch or of the --digits; final: the
-    guidance sweep and the GIF too."""
-    name = f"digits_{digits}" if digits else f"samples_epoch{epoch:02d}"
-    digits = digits or "0123456789"
+def part2_pictures(run, args, epoch, final, digits="0123456789"):
+    """4 samples of each digit, a column each; final: the guidance sweep and the GIF too."""
+    name = f"samples_epoch{epoch:02d}" if epoch else f"digits_{digits}"  # epoch None: --digits
     c = torch.tensor(list(map(int, digits)), device=args.device).repeat(4)  # (4K,)
     with run.autocast:  # sampling in --precision too
         x, caches = run.method.sample(run.model, c, args.guidance_scale)
@@ -413,14 +402,11 @@ def part2_pictures(run, args, epoch, final, digits=None):
                                      for f in caches + [x]]  # 16 grey levels: a small file
     return out
 # --------------------------------------------------------------------------- command line
-CPUINFO = "/proc/cpuinfo"  # its flags say whether the CPU multiplies bf16 natively
-def default_precision(device, method):
-    """--precision auto: fp16 on CUDA GPUs before 8.0 (T4, V100: slow fp32); bf16 on CPUs that
-    multiply it natively, for a method that keeps its quality in it; else fp32."""
+def default_precision(device, method, cpuinfo="/proc/cpuinfo"):
+    """--precision auto: fp16 on GPUs before 8.0, bf16 where a method keeps its quality, fp32."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
         return "fp16"
-    cpuinfo = pathlib.Path(CPUINFO)  # Linux's; elsewhere bf16 is taken as emulated,
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""  # 20 times slower than fp32 here
+    flags = pathlib.Path(cpuinfo).read_text() if os.path.exists(cpuinfo) else ""  # Linux's
     native = re.search("avx512_bf16|amx_bf16", flags) is not None
     return "bf16" if device == "cpu" and method.bf16_on_cpu and native else "fp32"
 def usage_error(message, prog="ddpm_mnist.py"):  # a bad value: one line, exit status 2
@@ -436,8 +422,7 @@ def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [l
 def get_args(argv=None, prog="ddpm_mnist.py"):
     """Flags as on the command line, a list (None: none, never a kernel's argv); unset: None."""
     p = argparse.ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
-    gpus = [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())]
-    devices = [d for d, here in gpus if here] + ["cpu"]  # those available, the first the default
+    devices = [d for d in ("cuda", "mps") if getattr(torch, d).is_available()] + ["cpu"]  # here
     count = number(int, 1)
     def add(flag, help, **kw):  # each help states the default
         g.add_argument(flag, help=help, **kw)
@@ -464,10 +449,8 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     add("--p-uncond", "class dropout probability (default: 0.1)", type=number(float, 0, 1))
     add("--method", f"one of METHODS: {', '.join(METHODS)} (default: ddpm)", choices=METHODS)
     add("--digits", "draw 4 samples of each of these digits, such as 2026")
-    add("--guidance-scale", "CFG gamma, as =-1e3 if < 0 (default: 5; flow: 3)",
-        type=number(float, -1e6, 1e6))
-    add("--sample-steps", "K of T steps, K divides T; or K Euler steps (default: T; flow: 50)",
-        type=count)
+    add("--guidance-scale", "CFG gamma (default: 5; flow: 3)", type=number(float, -1e6, 1e6))
+    add("--sample-steps", "K of the T steps, K divides T (default: T; flow: 50)", type=count)
     args = p.parse_args(argv or [])
     if args.digits is not None and (args.part == 1 or not re.fullmatch("[0-9]{1,40}", args.digits)):
         p.error(f"argument --digits: {args.digits!r} is not 1 to 40 digits, or not --part 2")
@@ -485,8 +468,7 @@ SIGNALS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, 
 def fault(e, cli):
     """The one line for a fault: what happened, what the checkpoint holds, what to do next."""
     path = os.path.join(cli.out_dir, f"part{cli.part}.pt")
-    saved = f"{path} is unreadable: " if os.path.exists(path) else "no checkpoint saved: "
-    again = "run again"
+    saved, again = "no checkpoint saved: ", "run again"
     with contextlib.suppress(Exception):  # mmap: little memory, which may be what ran out
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         saved = f"{path} holds epoch {ckpt['epoch']} of {ckpt['args']['epochs']}: "
@@ -501,7 +483,7 @@ def fault(e, cli):
     return f"interrupted; {saved}{again}"
 @contextlib.contextmanager
 def one_line_faults(cli):
-    """Each of FAULTS ends a command with fault()'s line; any other error is a bug: traceback."""
+    """Each of FAULTS (SIGTERM, SIGHUP too) ends a command with fault()'s line; a bug does not."""
     handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}  # Ctrl-C's
     try:
         yield
@@ -516,8 +498,7 @@ def one_line_faults(cli):
             signal.signal(s, handler)
 @contextlib.contextmanager
 def locked(cli):
-    """--out-dir for this run alone, made if missing, and removed if it saved nothing there."""
-    # A second run of the part is refused while this process lives: the OS drops the lock then.
+    """--out-dir for this process alone, made if missing, removed if the run saved nothing."""
     made = new_dirs(cli.out_dir)
     os.makedirs(cli.out_dir, exist_ok=True)
     path = os.path.join(cli.out_dir, f"part{cli.part}.lock")
@@ -551,7 +532,7 @@ def open_run(cli):
     if not found and (cli.resume or cli.sample_only):  # nor invent one
         sys.exit(f"error: no checkpoint at {path}: check --part and --out-dir")
     if not found:
-        args = settle(cli)
+        args = settle(cli, {})
         return args, build(args), dict(epoch=0, losses=[])
     try:  # torch.load checks the file: a torn or foreign one raises
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -565,8 +546,7 @@ def open_run(cli):
     run = build(args)
     ours = {k: run.optimizer.defaults[k] for k in ("fused", "foreach")}  # as this device wants
     try:  # load_state_dict checks names and shapes: a foreign checkpoint raises
-        groups = ckpt["optimizer"]["param_groups"]
-        ckpt["optimizer"]["param_groups"] = [{**g, **ours} for g in groups]
+        ckpt["optimizer"]["param_groups"] = [g | ours for g in ckpt["optimizer"]["param_groups"]]
         for k in STATES:  # an fp32 run's loss scale is empty: an fp16 scaler keeps its own
             if ckpt[k] or k != "scaler":
                 vars(run)[k].load_state_dict(ckpt[k])
@@ -584,8 +564,7 @@ def train_and_draw(cli):
     print(f"part {args.part} on {args.device}, {args.precision} | D={args.hidden}, epochs "
           f"{args.epochs}, batch {args.batch_size}, lr {args.lr:g}")
     if args.resume and not args.sample_only:  # the command line's precision may not be the run's
-        print(f"resumed after epoch {start - 1} of {args.epochs} (trained in "
-              f"{ckpt['args']['precision']}); a larger --epochs trains on, the lr decaying over all")
+        print(f"resumed after epoch {start - 1}, trained in {ckpt['args']['precision']}")
     t0 = time.time()
     files = []
     def pictures(epoch, final):  # the loss plot, then the epoch's pictures

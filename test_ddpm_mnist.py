@@ -65,7 +65,7 @@ def flags(mnist_dir):
 
 
 def settled(*argv):
-    return dm.settle(dm.get_args(["--device", "cpu", *argv]))
+    return dm.settle(dm.get_args(["--device", "cpu", *argv]), {})
 
 
 def exits(argv):
@@ -434,7 +434,7 @@ def test_train_overfits_a_batch_prints_a_true_rate_and_saves_a_macs_rng(flags, t
                                                                          monkeypatch, capsys):
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     args = dm.settle(dm.get_args(flags(tmp_path, "--lr", "0.01", "--epochs", "40",
-                                       "--batch-size", "1000", "--limit", "16")))
+                                       "--batch-size", "1000", "--limit", "16")), {})
     losses, run = [], dm.build(args)
     x, y = dm.load_mnist(args.data_dir, True, "cpu", 16)
     for ckpt in dm.train(args, run, x, y, 1, losses):
@@ -491,14 +491,14 @@ def test_part1_and_part2_pictures_of_a_run(trained):
 def test_default_precision_on_each_kind_of_machine(device, capability, cpu, auto, tmp_path,
                                                    monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
-    monkeypatch.setattr(dm, "CPUINFO", str(tmp_path / "cpuinfo"))
+    cpuinfo = tmp_path / "cpuinfo"
     if cpu is not None:
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {cpu}\n")
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {cpu}\n")
     with warnings.catch_warnings():  # the file read is closed: nothing for python -W error
         warnings.simplefilter("error")
-        assert dm.default_precision(device, dm.Flow) == auto
-    assert dm.default_precision(device, dm.DDPM) == dm.default_precision(device, dm.Denoiser) == (
-        "fp16" if auto == "fp16" else "fp32")  # DDPM scored worse in bf16
+        assert dm.default_precision(device, dm.Flow, cpuinfo) == auto
+    assert dm.default_precision(device, dm.DDPM, cpuinfo) == dm.default_precision(
+        device, dm.Denoiser, cpuinfo) == ("fp16" if auto == "fp16" else "fp32")  # DDPM: worse
 
 
 @pytest.mark.parametrize("argv", [
@@ -690,7 +690,7 @@ def test_main_resumes_a_checkpoint_of_another_device(flags, copied, monkeypatch,
     assert len(restored[0]) == 1 and restored[1].tolist() == [9]  # the one GPU here; the Mac's
     ckpt = load(run / "part2.pt")
     assert ckpt["epoch"] == 2 and ckpt["optimizer"]["param_groups"][0]["fused"] is True
-    assert "(trained in fp32)" in capsys.readouterr().out
+    assert "trained in fp32" in capsys.readouterr().out
 
 
 def test_main_sample_only_and_digits_leave_the_run_as_it_was(flags, copied, tmp_path):
@@ -717,11 +717,11 @@ def test_main_draws_pictures_lost_to_an_interrupt(flags, tmp_path, monkeypatch, 
     monkeypatch.setattr(dm, "part2_pictures", real)
     files = dm.main(flags(tmp_path, "--resume", part=2))
     assert str(tmp_path / "part2_samples_epoch01.png") in files and len(files) == 5
-    assert "the lr decaying over all" in capsys.readouterr().out
+    assert "resumed after epoch 1, trained in fp32" in capsys.readouterr().out
     os.remove(tmp_path / "part2_guidance.png")
     dm.main(flags(tmp_path, "--resume", "--sample-only", part=2))
     assert os.path.exists(tmp_path / "part2_guidance.png")
-    assert "decay" not in capsys.readouterr().out
+    assert "resumed" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("where, calls, epoch", [

@@ -166,7 +166,7 @@ def benchmark(args):
 def measure(own, cli):
     """--eval or --benchmark with ddpm_mnist.py's parsed flags cli."""
     if own.benchmark:
-        return benchmark(dm.settle(cli))
+        return benchmark(dm.settle(cli, {}))
     args, run, _ = dm.open_run(cli)  # the checkpoint's flags and weights, as --sample-only
     probe = os.path.join(cli.out_dir, "measure.probe")  # a folder that cannot be written fails
     write(probe, "")  # here, before the judge trains
