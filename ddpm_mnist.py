@@ -34,7 +34,7 @@ from torchvision.utils import make_grid
 # --------------------------------------------------------------------------- Part 1: the UNet
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
     return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
-# The spec's operations (its atomic_ops figure), each making its layers; shapes of one image.
+# The spec's operations (atomic_ops figure) make their layers; shapes of one image (FCBlock: F).
 Conv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 1, 1))  # (Din, H, W) -> (Dout, H, W)
 DownConv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 2, 1))  # -> (Dout, H/2, W/2)
 UpConv = lambda cin, cout: BN_GELU(nn.ConvTranspose2d(cin, cout, 4, 2, 1))  # -> (Dout, 2H, 2W)
@@ -43,6 +43,7 @@ Unflatten = lambda c: BN_GELU(nn.ConvTranspose2d(c, c, 7, 7, 0))  # (D, 1, 1) ->
 ConvBlock = lambda cin, cout: nn.Sequential(Conv(cin, cout), Conv(cout, cout))  # as Conv
 DownBlock = lambda cin, cout: nn.Sequential(DownConv(cin, cout), ConvBlock(cout, cout))  # Down
 UpBlock = lambda cin, cout: nn.Sequential(UpConv(cin, cout), ConvBlock(cout, cout))  # as UpConv
+FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 class UnconditionalUNet(nn.Module):
     """Part 1's UNet: (N, 1, 28, 28) -> (N, 1, 28, 28); Concat is torch.cat along channels."""
     def __init__(self, in_channels=1, num_hiddens=128):
@@ -71,7 +72,6 @@ def denoise_loss(unet, x, sigma):
     """Part 1's loss ||D(z) - x||^2 with z = x + sigma eps, eps ~ N(0, I) drawn fresh per batch."""
     return F.mse_loss(unet(x + sigma * torch.randn_like(x)), x)
 # --------------------------------------------------------------------------- Part 2: DDPM and CFG
-FCBlock = lambda fin, fout: nn.Sequential(nn.Linear(fin, fout), nn.GELU(), nn.Linear(fout, fout))
 class ConditionalUNet(UnconditionalUNet):
     """Part 2's UNet eps_theta(x_t, t, c): t/T and a one-hot class c enter through four FCBlocks."""
     def __init__(self, in_channels=1, num_classes=10, num_hiddens=128):
@@ -451,7 +451,7 @@ def get_args(argv=None, prog="ddpm_mnist.py"):
     add("--digits", "draw 4 samples of each of these digits, such as 2026")
     add("--guidance-scale", "CFG gamma (default: 5; flow: 3)", type=number(float, -1e6, 1e6))
     add("--sample-steps", "K of the T steps, K divides T (default: T; flow: 50)", type=count)
-    args = p.parse_args(argv or [])
+    args = p.parse_args([] if argv is None else argv)
     if args.digits is not None and (args.part == 1 or not re.fullmatch("[0-9]{1,40}", args.digits)):
         p.error(f"argument --digits: {args.digits!r} is not 1 to 40 digits, or not --part 2")
     return args
