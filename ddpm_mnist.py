@@ -239,7 +239,7 @@ def settle(cli, saved):
         if own[k] != given[k]:
             print(f"the checkpoint has --{k.replace('_', '-')} {own[k]}: using it, not {given[k]}")
     method = Denoiser if cli.part == 1 else METHODS[{**COMMON, **given, **own}["method"]]
-    epochs = {"epochs": saved["epochs"]} if saved else {}
+    epochs = {"epochs": saved["epochs"]} if "epochs" in saved else {}
     flags = {**vars(cli), **COMMON, **method.defaults, **epochs, **given, **own}
     if flags["precision"] == "auto":
         flags["precision"] = default_precision(flags["device"], method)
