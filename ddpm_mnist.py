@@ -7,9 +7,8 @@ sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rect
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
-In a notebook, paste this file into a cell, then main(["--part", "2"]). On one NVIDIA H200 Part 1
-takes 25 s (test MSE 0.008 at sigma 0.5) and Part 2 2 minutes (every digit of the final grid of the
-class asked for). On 2 CPU cores try --part 2 --hidden 32 --epochs 2 first: about 8 minutes.
+On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5) and Part 2 2 minutes (every digit
+of its final grid of its class); on 2 CPU cores try --part 2 --hidden 32 --epochs 2 (8 minutes).
 """
 
 import argparse
@@ -111,7 +110,7 @@ def guided_eps(unet, x_t, c, t, gamma):
     """CFG: eps_u + gamma (eps_c - eps_u) at t in [0, 1], both from one UNet call on 2N samples."""
     n, dev = len(c), c.device
     mask = torch.arange(2 * n, device=dev) < n  # (2N,): 1 keeps c for the first N, 0 drops it
-    eps = unet(torch.cat([x_t, x_t]), c.repeat(2), x_t.new_full((2 * n,), t), mask)
+    eps = unet(torch.cat([x_t, x_t]), c.repeat(2), x_t.new_full((2 * n,), t), mask)  # 2N each
     eps_c, eps_u = eps.chunk(2)  # (N, 1, H, W) each
     return eps_u + gamma * (eps_c - eps_u)
 def cached(t, num_ts):  # the spec's rule for the x_t kept: 22 of T = 300
@@ -160,23 +159,22 @@ def flow_forward(unet, x_1, c, p_uncond):
     t = torch.rand(len(c), 1, 1, 1, device=c.device)  # (N, 1, 1, 1): over the pixels
     x_0 = torch.randn_like(x_1)  # x_0 ~ N(0, I)
     mask = (torch.rand(len(c), device=c.device) >= p_uncond).float()  # (N,): 0 drops the class
-    return F.mse_loss(unet((1 - t) * x_0 + t * x_1, c, t.flatten(), mask), x_1 - x_0)
+    return F.mse_loss(unet((1 - t) * x_0 + t * x_1, c, t.flatten(), mask), x_1 - x_0)  # t: (N,)
 def flow_sample(unet, c, img_wh, steps, guidance_scale=3.0, seed=0):
-    """Euler steps x <- x + v / K from noise (t = 0) to data (t = 1), along the velocity guided as
-    guided_eps guides eps; caches by the spec's rule on the steps left."""
+    """K Euler steps x <- x + v / K from noise (t = 0) to data (t = 1), v guided as eps is."""
     caches = []
     with sampling(unet, c, img_wh, seed) as noise:
         x = noise(0)
         for i in range(steps):
-            if cached(steps - i, steps):
+            if cached(steps - i, steps):  # the spec's rule, on the steps left
                 caches.append(x)
             x = x + guided_eps(unet, x, c, i / steps, guidance_scale) / steps
     return x, caches
 # --------------------------------------------------------------------------- methods
-# A method is one object (minRF's design); a third is a class and its line in METHODS.
+# A method is one object (minRF's design); a third subclasses one and takes its line in METHODS.
 class Denoiser:
     """Part 1: the one-step denoiser at noise level --sigma; the spec's defaults."""
-    defaults = dict(epochs=5, batch_size=256, lr=1e-4, lr_decay=1.0)
+    defaults = dict(epochs=5, batch_size=256, lr=1e-4)
     bf16_on_cpu = False  # auto's choice on CPUs that multiply bf16 natively: docs/results.md
     def __init__(self, args):
         self.args = args
@@ -226,19 +224,21 @@ def load_mnist(root, train, device, limit=None):
     finally:
         remove_empty(new)  # a failed or interrupted download leaves no empty folders
     return (x[:limit, None].float() / 255).to(device), y[:limit].to(device)  # (N, 1, 28, 28)
-# A command's own flags; the others are a run's, taken from its checkpoint: a new one is one line.
 PER_COMMAND = ("part", "epochs", "device", "precision", "data_dir", "out_dir", "resume",
-               "sample_only", "digits", "guidance_scale", "sample_steps")
-COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, seed=0,
+               "sample_only", "digits", "guidance_scale", "sample_steps")  # the rest: a run's
+COMMON = dict(hidden=128, sigma=0.5, num_ts=300, p_uncond=0.1, limit=60000, seed=0, lr_decay=1.0,
               method="ddpm", precision="auto")  # the spec's, or measured: docs/results.md
 def settle(cli, saved):
-    """Each flag's value: the checkpoint's run flags, the command line, its epochs, defaults."""
+    """Each flag's value: a run's own from its checkpoint, the command line, then defaults."""
     given = {k: v for k, v in vars(cli).items() if v is not None}
     own = {k: v for k, v in saved.items() if k in vars(cli) and k not in PER_COMMAND}
     for k in own.keys() & given.keys():
         if own[k] != given[k]:
             print(f"the checkpoint has --{k.replace('_', '-')} {own[k]}: using it, not {given[k]}")
-    method = Denoiser if cli.part == 1 else METHODS[{**COMMON, **given, **own}["method"]]
+    name = {**COMMON, **given, **own}["method"]  # a checkpoint's may not be registered here
+    if cli.part == 2 and name not in METHODS:
+        sys.exit(f"error: --method {name} is not in METHODS: register its class, then run again")
+    method = Denoiser if cli.part == 1 else METHODS[name]
     epochs = {"epochs": saved["epochs"]} if "epochs" in saved else {}
     flags = {**vars(cli), **COMMON, **method.defaults, **epochs, **given, **own}
     if flags["precision"] == "auto":
@@ -291,8 +291,8 @@ def train(args, run, x, y, start, losses):
                     raise FloatingPointError(f"the loss diverged in epoch {epoch}")
                 t_print = time.time()
                 seen = min((i + 1) * args.batch_size, len(x))  # images of this epoch
-                rate = seen / (t_print - t_epoch)  # per second
-                eta = ((args.epochs - epoch + 1) * len(x) - seen) / rate / 60  # minutes
+                rate = seen / (t_print - t_epoch)  # images per second
+                eta = ((args.epochs - epoch + 1) * len(x) - seen) / rate / 60  # in minutes
                 print(f"part {args.part} | epoch {epoch}/{args.epochs} | step {i + 1}/{steps} | "
                       f"loss {epoch_losses[-1].item():.4f} | {rate:.0f} img/s | ETA {eta:.1f} min")
         recalibrate(run, x, y, args.batch_size)  # for the checkpoint and the pictures
@@ -314,7 +314,7 @@ def grid(x, nrow, title, cols=(), rows=(), scale=SCALE):
         print(f"warning: {title!r} has pixels that are not finite: NaN drawn grey, inf white")
     x = F.interpolate(x.nan_to_num(0.5).clamp(0, 1).cpu(), scale_factor=scale)  # NaN grey; nearest
     img = to_pil_image(make_grid(x, nrow, PAD * scale, pad_value=0.5)[0])  # grey, (H, W)
-    width = ImageDraw.Draw(img).textlength  # of a text, in pixels
+    width = ImageDraw.Draw(img).textlength  # a text's width in pixels
     left = int(max([width(s) + 8 for s in rows], default=0))  # room for the row labels
     top = 30 if cols else 16  # room for the title and the column labels
     right = max(int(width(title)) + 8 - left - img.width, 0)  # room for the title
@@ -341,7 +341,7 @@ def loss_plot(losses, args, epochs):
     img = Image.new("L", PLOT, 255)
     d = ImageDraw.Draw(img)
     d.rectangle(BOX, outline=160)
-    d.line(px.flatten().tolist(), 0, 2)
+    d.line(px.flatten().tolist(), 0, 2)  # (2 (n + 1),): x, y, x, y, ...
     d.text((left, 10), f"Part {args.part} loss, D={args.hidden}, lr {args.lr:g}; log scale from "
                        f"{10 ** lo:.3g} (bottom) to {10 ** hi:.3g} (top)", 0)
     d.text((left, bottom + 10), f"epochs 0 to {epochs}, left to right ({len(losses) // epochs} "
@@ -379,7 +379,7 @@ def part1_pictures(run, args, epoch, final):
                                                         ["clean", "noisy", "denoised"])}
     if final:  # the same noise at every sigma
         noisy = torch.stack([x[:4] + s * eps[:4] for s in SIGMAS], 1)  # (4, 7, 1, 28, 28)
-        labels = [f"sigma={s}" for s in SIGMAS]
+        labels = [f"sigma={s}" for s in SIGMAS]  # flatten(0, 1) below: (28, 1, 28, 28)
         out["part1_noising.png"] = grid(noisy.flatten(0, 1), 7, "Part 1: z = x + sigma eps", labels)
         ood = torch.stack([noisy, net(noisy.flatten(0, 1)).view_as(noisy)], 1)  # (4, 2, 7, ...)
         title = f"Part 1 out of distribution: the denoiser trained at sigma {args.sigma}"
@@ -406,7 +406,7 @@ def default_precision(device, method, cpuinfo="/proc/cpuinfo"):
     """--precision auto: fp16 on GPUs before 8.0, bf16 where a method keeps its quality, fp32."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
         return "fp16"
-    flags = pathlib.Path(cpuinfo).read_text() if os.path.exists(cpuinfo) else ""  # Linux's
+    flags = pathlib.Path(cpuinfo).read_text() if os.path.exists(cpuinfo) else ""  # Linux has it
     native = re.search("avx512_bf16|amx_bf16", flags) is not None
     return "bf16" if device == "cpu" and method.bf16_on_cpu and native else "fp32"
 def usage_error(message, prog="ddpm_mnist.py"):  # a bad value: one line, exit status 2
@@ -422,7 +422,7 @@ def number(kind, lo, hi=math.inf):  # an argparse type=: an int or a float in [l
 def get_args(argv=None, prog="ddpm_mnist.py"):
     """Flags as on the command line, a list (None: none, never a kernel's argv); unset: None."""
     p = argparse.ArgumentParser(prog, description="DDPM and classifier-free guidance on MNIST")
-    devices = [d for d in ("cuda", "mps") if getattr(torch, d).is_available()] + ["cpu"]  # here
+    devices = [d for d in ("cuda", "mps") if getattr(torch, d).is_available()] + ["cpu"]
     count = number(int, 1)
     def add(flag, help, **kw):  # each help states the default
         g.add_argument(flag, help=help, **kw)
@@ -484,7 +484,7 @@ def fault(e, cli):
 @contextlib.contextmanager
 def one_line_faults(cli):
     """Each of FAULTS (SIGTERM, SIGHUP too) ends a command with fault()'s line; a bug does not."""
-    handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}  # Ctrl-C's
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in SIGNALS}  # as Ctrl-C
     try:
         yield
     except FAULTS as e:
@@ -551,11 +551,11 @@ def open_run(cli):
             if ckpt[k] or k != "scaler":
                 vars(run)[k].load_state_dict(ckpt[k])
         torch.set_rng_state(ckpt["rng"]["cpu"])
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])  # present
+        if "mps" in ckpt["rng"] and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(ckpt["rng"]["mps"])
     except (KeyError, ValueError, RuntimeError) as e:
         not_a_checkpoint(path, cli.part, e)
-    torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])  # GPUs here
-    if "mps" in ckpt["rng"] and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(ckpt["rng"]["mps"])
     return args, run, ckpt
 def train_and_draw(cli):
     """Train, resume or draw the final pictures in a locked --out-dir; returns the files written."""

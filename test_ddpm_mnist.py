@@ -130,7 +130,6 @@ def test_ops_are_the_specs_layers():
         assert getattr(dm, op)(3, 5)(torch.randn(2, 3, hw, hw)).shape == (2, 5, hw_out, hw_out)
     assert [type(m) for m in dm.Conv(3, 5)] == [torch.nn.Conv2d, torch.nn.BatchNorm2d,
                                                 torch.nn.GELU]
-    assert dm.UpConv(3, 5)[0].kernel_size == (4, 4)
     assert dm.Flatten()(torch.randn(2, 6, 7, 7)).shape == (2, 6, 1, 1)
     assert dm.Unflatten(6)(torch.randn(2, 6, 1, 1)).shape == (2, 6, 7, 7)
     assert dm.UnconditionalUNet(1, 4)(torch.randn(3, 1, 28, 28)).shape == (3, 1, 28, 28)
@@ -346,6 +345,8 @@ def test_a_third_method_is_a_class_and_a_line(flags, tmp_path, monkeypatch):
     ckpt = load(tmp_path / "part2.pt")
     assert (ckpt["epoch"], ckpt["args"]["method"], ckpt["args"]["guidance_scale"]) == (2, "v", 2.0)
     assert dm.main(flags(tmp_path, "--sample-only", "--digits", "42", part=2))[0].endswith("42.png")
+    monkeypatch.delitem(dm.METHODS, "v")  # a process that lacks it: one line
+    assert "--method v is not in METHODS" in exits(flags(tmp_path, "--sample-only", part=2))
 
 
 def test_the_unet_is_swapped_in_one_assignment(flags, tmp_path, monkeypatch):
@@ -440,8 +441,8 @@ def test_train_overfits_a_batch_prints_a_true_rate_and_saves_a_macs_rng(flags, t
     for ckpt in dm.train(args, run, x, y, 1, losses):
         pass
     assert losses[-1] < 0.5 * losses[0] and len(losses) == 40
-    rates = [float(r) for r in re.findall(r"\| (\d+) img/s", capsys.readouterr().out)]
-    assert rates and max(rates) < 1e5  # 16 images a step, not the batch size of 1000
+    rates = re.findall(r"\| (\d+) img/s", capsys.readouterr().out)
+    assert max(map(float, rates)) < 1e5  # 16 images a step, not the batch size of 1000
     mps = argparse.Namespace(**{**vars(args), "device": "mps"})
     assert next(dm.train(mps, run, x, y, 1, []))["rng"]["mps"].tolist() == [7]
 
@@ -532,8 +533,7 @@ def test_fault_knows_a_fault_by_its_type_and_reads_the_checkpoint(trained):
     assert dm.fault(MemoryError(), cli).startswith(f"error: out of memory; {where}free some")
     assert dm.fault(KeyboardInterrupt(), cli) == f"interrupted; {where}--resume continues"
     line = dm.fault(FileExistsError(17, "File exists", "memory_notes"), cli)
-    assert line == f"error: [Errno 17] File exists: 'memory_notes'; {where}fix that, then " \
-                   "--resume continues"  # a name with 'memory' is not out of memory
+    assert line.endswith(f"{where}fix that, then --resume continues")  # not out of memory
     cli.out_dir = "nowhere"
     assert dm.fault(FloatingPointError("the loss diverged"), cli) == (
         "error: the loss diverged; no checkpoint saved: start anew with a lower --lr")
@@ -601,16 +601,16 @@ def test_open_run_never_overwrites_nor_invents_a_run(flags, copied, tmp_path):
     assert not os.path.exists(tmp_path / "typo")
 
 
-@pytest.mark.parametrize("ckpt", [b"not a checkpoint", "torn", "part1", "shapes", [1],
-                                  {"model": {}, "optimizer": {}, "epoch": 1,
-                                              "args": {"part": 1}, "rng": {}, "losses": []}])
+@pytest.mark.parametrize("ckpt", ["torn", "part1", "shapes", "rng", {
+    "model": {}, "optimizer": {}, "epoch": 1, "args": {"part": 1}, "rng": {}, "losses": []}])
 def test_open_run_refuses_a_foreign_checkpoint_in_one_line(ckpt, flags, copied, trained):
     path = copied(2) / "part2.pt"
-    if ckpt in ("torn", "part1", "shapes"):
-        whole = load(path)
+    if ckpt in ("torn", "part1", "shapes", "rng"):
+        whole, rng = load(path), load(path)
         whole["model"] = {k: v[:1] if v.dim() else v for k, v in whole["model"].items()}
+        del rng["rng"]["cuda"]  # damaged inside
         ckpt = {"torn": path.read_bytes()[:3000], "part1": (trained[1] / "part1.pt").read_bytes(),
-                "shapes": whole}[ckpt]
+                "shapes": whole, "rng": rng}[ckpt]
     if isinstance(ckpt, bytes):
         path.write_bytes(ckpt)
     else:
@@ -724,7 +724,7 @@ def test_main_draws_pictures_lost_to_an_interrupt(flags, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("where, calls, epoch", [
-    ("load_mnist", 1, None), ("build", 1, None), ("recalibrate", 1, None), ("recalibrate", 2, 1),
+    ("load_mnist", 1, None), ("recalibrate", 1, None), ("recalibrate", 2, 1),
     ("save", 3, 1)])
 def test_main_interrupted_says_the_epoch_its_checkpoint_holds(where, calls, epoch, flags,
                                                               tmp_path, monkeypatch):
