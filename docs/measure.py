@@ -10,6 +10,7 @@ scales it judges; every other flag is ddpm_mnist.py's (--sample-steps, --precisi
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,7 +38,10 @@ def get_classifier(args, test):
     """The judge: a CNN trained once (3 epochs, seed 0, 99.47%), kept as OUT_DIR/classifier.pt."""
     path, device = os.path.join(args.out_dir, "classifier.pt"), test[0].device
     torch.manual_seed(0)
-    conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    def conv(cin, cout):  # a convolution with BatchNorm and ReLU
+        return [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+
     clf = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128),
                         nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
@@ -51,8 +55,11 @@ def get_classifier(args, test):
     train_x, train_y = dm.load_mnist(args.data_dir, True, device)
     opt, g = torch.optim.Adam(clf.parameters()), torch.Generator(device).manual_seed(0)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, 3 * math.ceil(len(train_x) / 128))
-    shift = lambda x: torch.roll(x, torch.randint(-2, 3, (2,), generator=g, device=device).tolist(),
-                                 (2, 3))  # the batch moved by up to 2 px down and right
+
+    def shift(x):  # the batch moved by up to 2 px down and right
+        by = torch.randint(-2, 3, (2,), generator=g, device=device).tolist()  # rows, columns
+        return torch.roll(x, by, (2, 3))
+
     for _ in range(3):
         for idx in torch.randperm(len(train_x), generator=g, device=device).split(128):
             step(clf, opt, F.cross_entropy(clf(shift(train_x[idx])), train_y[idx]))
@@ -85,7 +92,10 @@ def frechet_distance(f1, f2):
 def evaluate_part2(run, args, gammas, test, n):
     """The judge on n samples per digit at each of gammas, and on n real test digits of each."""
     (test_x, test_y), clf = test, get_classifier(args, test)
-    features = lambda x: torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])  # (N, 128)
+
+    def features(x):  # (N, 128): the judge's last hidden layer
+        return torch.cat([clf[:-2](b) for b in x.clamp(0, 1).split(1000)])
+
     ref = features(test_x)  # the whole test set's
     clf_acc, rows = (clf[-1](ref).argmax(1) == test_y).float().mean().item(), {}
     real = torch.cat([torch.nonzero(test_y == d)[:n, 0] for d in range(10)])  # n per digit
@@ -184,8 +194,8 @@ def main(argv=None):
     """--eval [N] or --benchmark, with ddpm_mnist.py's flags; returns what it printed."""
     prog = "docs/measure.py"
     p = argparse.ArgumentParser(prog, description="Score or time ddpm_mnist.py",
-                                epilog="Other flags are ddpm_mnist.py's: python ddpm_mnist.py --help.")
-    p.error = lambda message: p.exit(2, f"{prog}: error: {message} (see --help)\n")  # one line
+                                epilog="Other flags: python ddpm_mnist.py --help.")
+    p.error = functools.partial(dm.usage_error, prog=prog)  # one line
     p.add_argument("--eval", type=dm.number(int, 1), nargs="?", const=20, metavar="N",
                    help="Part 1: test PSNR at each sigma; Part 2: a judge on N samples per digit "
                         "(N: 20 if not given)")
