@@ -58,7 +58,7 @@ def flags(mnist_dir):
     """A tiny run's flags in fp32 (auto picks bf16 where a CPU has it), one step an epoch: Part 1,
     or Part 2 with 5 diffusion steps."""
     def make(out, *extra, part=1):
-        base = ["--hidden", "8", "--batch-size", "32", "--limit", "32", "--data-dir", mnist_dir,
+        base = ["--hidden", "4", "--batch-size", "32", "--limit", "32", "--data-dir", mnist_dir,
                 "--out-dir", str(out), "--device", "cpu", "--precision", "fp32"]
         return base + (["--part", "2", "--num-ts", "5"] if part == 2 else []) + list(extra)
     return make
@@ -357,7 +357,7 @@ def test_the_unet_is_swapped_in_one_assignment(flags, tmp_path, monkeypatch):
     monkeypatch.setattr(dm, "ConditionalUNet", Wider)
     monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})
     dm.main(flags(tmp_path, "--epochs", "1", part=2))
-    assert load(tmp_path / "part2.pt")["model"]["head.weight"].shape == (1, 16, 3, 3)
+    assert load(tmp_path / "part2.pt")["model"]["head.weight"].shape == (1, 8, 3, 3)
 
 
 # --------------------------------------------------------------------------- training
@@ -662,7 +662,10 @@ def test_main_takes_a_list_of_strings_and_runs_as_percent_run(flags, tmp_path, m
     (2, ["--seed", "5"], []),
     (2, ["--method", "flow", "--sample-steps", "5"], ["--sample-steps", "5"]),
     (1, ["--precision", "fp16", "--hidden", "4"], ["--precision", "fp16"])])  # fp16: loss scaling
-def test_main_resumes_bit_for_bit_with_the_runs_own_flags(part, train, resume, flags, tmp_path):
+def test_main_resumes_bit_for_bit_with_the_runs_own_flags(part, train, resume, flags, tmp_path,
+                                                          monkeypatch):
+    if "--seed" in train:  # the pictures draw no random numbers of the run's: faster without
+        monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})
     dm.main(flags(tmp_path / "full", "--epochs", "2", *train, part=part))
     dm.main(flags(tmp_path / "split", "--epochs", "1", *train, part=part))
     dm.main(flags(tmp_path / "split", "--epochs", "2", "--resume", *resume, part=part))
@@ -730,9 +733,9 @@ def test_main_interrupted_says_the_epoch_its_checkpoint_holds(where, calls, epoc
                                                               tmp_path, monkeypatch):
     real, seen = getattr(dm, where), []
 
-    def nth(*args, **kwargs):
+    def nth(*args, **kwargs):  # SIGTERM, as kill, docker and Slurm send it, at the nth call
         seen.append(1)
-        return interrupt() if len(seen) == calls else real(*args, **kwargs)
+        return os.kill(os.getpid(), signal.SIGTERM) if len(seen) == calls else real(*args, **kwargs)
 
     monkeypatch.setattr(dm, where, nth)
     line = exits(flags(tmp_path / "new", "--epochs", "3"))
@@ -788,28 +791,17 @@ def test_main_leaves_the_memory_limit_as_it_was(flags, tmp_path):
     assert resource.getrlimit(resource.RLIMIT_DATA) == before
 
 
-def test_main_in_a_shell_two_runs_at_once_and_sigterm(flags, tmp_path):
+def test_main_in_a_shell_two_runs_at_once(flags, tmp_path):
     """Two processes into one new folder: one trains, the other is refused, the model is the
-    first's. Beside them, a run stopped by SIGTERM early on."""
+    first's."""
     script = os.path.join(HERE, "ddpm_mnist.py")
-    cmds = [[script, *flags(tmp_path / "new", "--epochs", "2", "--seed", s, part=2)] for s in "01"]
-    cmds += [[script, *flags(tmp_path / "term", "--limit", "64", "--batch-size", "1", "--epochs",
-                             "3")]]
-    runs = [subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            for cmd in cmds]
-    for line in runs[2].stdout:  # its first progress line: training has begun
-        if "| step" in line:
-            runs[2].send_signal(signal.SIGTERM)
-            break
+    runs = [subprocess.Popen([sys.executable, script, *flags(tmp_path / "new", "--epochs", "2",
+                                                             "--seed", s, part=2)],
+                             stdout=subprocess.PIPE, text=True, stderr=subprocess.PIPE,
+                             env=dict(os.environ, OMP_NUM_THREADS="1")) for s in "01"]
     results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
     assert sorted(code for code, _ in results[:2]) == [0, 1], results
     winner = [code for code, _ in results[:2]].index(0)
     loser = results[1 - winner][1]
     assert loser.count("\n") == 1 and ("is writing into" in loser or "holds a run" in loser)
     assert load(tmp_path / "new" / "part2.pt")["args"]["seed"] == winner
-    code, err = results[2]  # stopped in epoch 1 or later: the line says what is saved
-    assert code == 1 and err.startswith("interrupted; ") and err.count("\n") == 1, err
-    left = os.listdir(tmp_path / "term") if os.path.exists(tmp_path / "term") else []
-    assert not [f for f in left if f.endswith((".tmp", ".lock"))]
-    assert bool(left) == ("holds epoch" in err)  # no folder unless a checkpoint was saved
