@@ -538,11 +538,11 @@ def open_run(cli):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if {"epoch", "losses", "args", "rng", *STATES} - ckpt.keys():
             raise KeyError("not all that this script saves")
+        args = settle(cli, ckpt["args"])  # a run's flags, read from the file
     except Exception as e:
         if isinstance(e, MEMORY) or isinstance(e, OSError) and e.filename:  # not the file's fault
             raise
         not_a_checkpoint(path, cli.part, e)
-    args = settle(cli, ckpt["args"])
     run = build(args)
     ours = {k: run.optimizer.defaults[k] for k in ("fused", "foreach")}  # as this device wants
     try:  # load_state_dict checks names and shapes: a foreign checkpoint raises
