@@ -235,7 +235,7 @@ def reference_sample(unet, c, s, T, gamma, seed):
 @torch.no_grad()
 def test_ddpm_sample_is_algorithm_2(unet, schedule):
     c = torch.tensor([1, 2, 3])
-    for gamma in (0.0, 1.0, 5.0):
+    for gamma in (0.0, 5.0):
         x, _ = dm.ddpm_sample(unet, c, (28, 28), schedule, 20, gamma, seed=3)
         close(x, reference_sample(unet, c, schedule, 20, gamma, 3), atol=1e-4, rtol=1e-4)
 
@@ -341,7 +341,9 @@ class EpsOfV(torch.nn.Module):
 def test_a_third_method_is_a_class_and_a_line(flags, tmp_path, monkeypatch):
     monkeypatch.setitem(dm.METHODS, "v", VPrediction)  # the one line: --method v
     assert len(dm.main(flags(tmp_path, "--method", "v", "--epochs", "1", part=2))) == 4
-    dm.main(flags(tmp_path, "--resume", "--epochs", "2", part=2))
+    with monkeypatch.context() as m:
+        m.setattr(dm, "part2_pictures", lambda *args: {})  # drawn above: faster
+        dm.main(flags(tmp_path, "--resume", "--epochs", "2", part=2))
     ckpt = load(tmp_path / "part2.pt")
     assert (ckpt["epoch"], ckpt["args"]["method"], ckpt["args"]["guidance_scale"]) == (2, "v", 2.0)
     assert dm.main(flags(tmp_path, "--sample-only", "--digits", "42", part=2))[0].endswith("42.png")
@@ -434,13 +436,13 @@ def test_recalibrate_is_the_plain_mean_and_draws_no_random_numbers(monkeypatch):
 def test_train_overfits_a_batch_prints_a_true_rate_and_saves_a_macs_rng(flags, tmp_path,
                                                                          monkeypatch, capsys):
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
-    args = dm.settle(dm.get_args(flags(tmp_path, "--lr", "0.01", "--epochs", "40",
+    args = dm.settle(dm.get_args(flags(tmp_path, "--lr", "0.01", "--epochs", "20",
                                        "--batch-size", "1000", "--limit", "16")), {})
     losses, run = [], dm.build(args)
     x, y = dm.load_mnist(args.data_dir, True, "cpu", 16)
     for ckpt in dm.train(args, run, x, y, 1, losses):
         pass
-    assert losses[-1] < 0.5 * losses[0] and len(losses) == 40
+    assert losses[-1] < 0.5 * losses[0] and len(losses) == 20
     rates = re.findall(r"\| (\d+) img/s", capsys.readouterr().out)
     assert max(map(float, rates)) < 1e5  # 16 images a step, not the batch size of 1000
     mps = argparse.Namespace(**{**vars(args), "device": "mps"})
@@ -664,9 +666,8 @@ def test_main_takes_a_list_of_strings_and_runs_as_percent_run(flags, tmp_path, m
     (1, ["--precision", "fp16", "--hidden", "4"], ["--precision", "fp16"])])  # fp16: loss scaling
 def test_main_resumes_bit_for_bit_with_the_runs_own_flags(part, train, resume, flags, tmp_path,
                                                           monkeypatch):
-    if "--seed" in train:  # the pictures draw no random numbers of the run's: faster without
-        monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})
     dm.main(flags(tmp_path / "full", "--epochs", "2", *train, part=part))
+    monkeypatch.setattr(dm, "part2_pictures", lambda *args: {})  # drawn once above: faster
     dm.main(flags(tmp_path / "split", "--epochs", "1", *train, part=part))
     dm.main(flags(tmp_path / "split", "--epochs", "2", "--resume", *resume, part=part))
     full, split = (tmp_path / run / f"part{part}.pt" for run in ("full", "split"))
