@@ -7,8 +7,8 @@ sampler or on 50 of its 300 steps (--sample-steps 50); --method flow trains rect
     python ddpm_mnist.py --part 1                 # one-step denoiser, 5 epochs
     python ddpm_mnist.py --part 2 --epochs 20     # class-conditioned DDPM with guidance
 
-On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5) and Part 2 2 minutes (every digit
-of its final grid of its class); on 2 CPU cores try --part 2 --hidden 32 --epochs 2 (8 minutes).
+On one NVIDIA H200 Part 1 takes 25 s (test MSE 0.008 at sigma 0.5) and Part 2 2 minutes (each digit
+of the final grid of its column's class); on 2 CPU cores try --part 2 --hidden 32 --epochs 2 first.
 """
 
 import argparse
@@ -33,7 +33,7 @@ from torchvision.utils import make_grid
 # --------------------------------------------------------------------------- Part 1: the UNet
 def BN_GELU(layer):  # a convolution, then BatchNorm2d and GELU
     return nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels), nn.GELU())
-# The spec's operations (atomic_ops figure) make their layers; shapes of one image (FCBlock: F).
+# The spec's operations (atomic_ops figure) make their layers; shapes per image or vector.
 Conv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 1, 1))  # (Din, H, W) -> (Dout, H, W)
 DownConv = lambda cin, cout: BN_GELU(nn.Conv2d(cin, cout, 3, 2, 1))  # -> (Dout, H/2, W/2)
 UpConv = lambda cin, cout: BN_GELU(nn.ConvTranspose2d(cin, cout, 4, 2, 1))  # -> (Dout, 2H, 2W)
